@@ -1,0 +1,79 @@
+"""The objective interface the loop calls, and the minibatch view it passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tmpo.samplers.rollout import Rollout
+
+
+@dataclass
+class Prepared:
+    """Detached per-iteration quantities an objective computes once from rewards and the rollout."""
+
+    leaf_adv: Tensor | None = None  # [L]
+    edge_adv: Tensor | None = None  # [E] step-specific advantages (TreeGRPO, step-wise balance)
+    kl_leaf_weight: Tensor | None = None  # [L] weights of the KL-to-reference term (None = uniform)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Minibatch:
+    """A subset of groups: its leaves, its stored edges and the leaf-edge incidence restricted to them."""
+
+    leaf_ids: Tensor  # [l]
+    edge_ids: Tensor  # [e]
+    path: Tensor  # [l, e]
+    edge_is_prior: Tensor  # [e]
+    log_prob_old: Tensor  # [e]
+    latent_dim: int  # d, to turn per-dim-mean log-probs into sums when asked
+
+    @staticmethod
+    def of_groups(rollout: Rollout, groups: Tensor) -> "Minibatch":
+        leaf_ids = torch.nonzero(torch.isin(rollout.group, groups)).squeeze(1)
+        edge_ids = torch.nonzero(torch.isin(rollout.edge_group, groups)).squeeze(1)
+        return Minibatch(
+            leaf_ids=leaf_ids,
+            edge_ids=edge_ids,
+            path=rollout.path[leaf_ids][:, edge_ids],
+            edge_is_prior=rollout.edge_is_prior[edge_ids],
+            log_prob_old=rollout.edge_log_prob_old[edge_ids],
+            latent_dim=rollout.latent_dim,
+        )
+
+
+class Objective:
+    """Interface: ``prepare`` (once per rollout) and ``loss`` (per minibatch and inner update).
+
+    ``loss`` receives the minibatch's edge log-probs under the current parameters (``log_prob``,
+    ``[e]``, differentiable) and the detached RatioNorm bias per edge (``bias``, ``[e]``) and returns a
+    scalar to *minimise* plus detached statistics. The KL-to-reference penalty is added by the loop
+    (it needs the reference model) with weight ``kl_coef`` and per-leaf weights from ``prepare``.
+    """
+
+    kl_coef: float = 0.0
+    log_prob_reduction: str = "mean"  # "mean" (paper eq. 49) or "sum" over latent dims
+
+    def prepare(self, rollout: Rollout, rewards: Tensor, step: int) -> Prepared:
+        raise NotImplementedError
+
+    def loss(self, mb: Minibatch, log_prob: Tensor, bias: Tensor, prepared: Prepared) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def log_prob_scale(self, latent_dim: int) -> float:
+        """1 for per-dim-mean log-probs (eq. 49), ``d`` to turn them into sums over latent dims."""
+        if self.log_prob_reduction == "mean":
+            return 1.0
+        if self.log_prob_reduction == "sum":
+            return float(latent_dim)
+        raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {self.log_prob_reduction!r}")
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state but the checkpoint holds {sorted(state)}")

@@ -1,0 +1,1 @@
+"""Rewards: one protocol ``reward(samples, prompts, metadata) -> (Tensor[N], info)``."""
