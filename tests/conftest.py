@@ -1,0 +1,41 @@
+"""Shared test setup: one thread (2-core CI machines), offline, and Hydra composition helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose_run(overrides: list[str], run_dir: Path):
+    """Compose the real run config as ``python -m tmpo.run <overrides>`` would, writing into ``run_dir``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import tmpo.run  # noqa: F401  (registers the schema)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[f"run_dir={run_dir}", "logger=none", "trainer.progress=false", *overrides],
+        )
+    return cfg
+
+
+@pytest.fixture
+def toy_policy():
+    from tmpo.policies.toy import ToyPolicy
+
+    torch.manual_seed(0)
+    return ToyPolicy()
