@@ -23,7 +23,7 @@ from tmpo.rewards.geneval import (  # noqa: E402
 )
 from tmpo.rewards.mini_detector import MiniDetector  # noqa: E402
 from tmpo.world import captions  # noqa: E402
-from tmpo.world.render import Scene, SceneObject, render  # noqa: E402
+from tmpo.world.render import SHAPES, Scene, SceneObject, render  # noqa: E402
 
 
 def det(cls, x, y, score=0.95, color="red", w=10):
@@ -180,7 +180,10 @@ def test_color_attr():
         ({"tag": "colors", "include": [{"class": "circle", "count": 1, "colour": "red"}]}, "unknown keys"),
         ({"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "teal"}]}, "GenEval colour"),
         ({"tag": "position", "include": [{"class": "circle", "count": 1, "position": ["left of", 0]}]}, "earlier"),
-        ({"tag": "position", "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["near", 0]}]}, "relation"),
+        (
+            {"tag": "position", "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["on", 0]}]},
+            "relation",
+        ),
     ],
 )
 def test_validate_metadata_errors(record, message):
@@ -237,7 +240,11 @@ def test_reward_rejects_bad_inputs():
 
 
 def test_detector_finds_box_class_and_colour():
-    scene = Scene((SceneObject("triangle", "purple", (0.3, 0.6), 6 / 32), SceneObject("cross", "green", (0.75, 0.28), 6 / 32)), "cream")
+    objects = (
+        SceneObject("triangle", "purple", (0.3, 0.6), 6 / 32),
+        SceneObject("cross", "green", (0.75, 0.28), 6 / 32),
+    )
+    scene = Scene(objects, "cream")
     found = sorted(MiniDetector().detect(render(scene, 32)), key=lambda d: d.box[0])
     assert [(d.cls, d.color) for d in found] == [("triangle", "purple"), ("cross", "green")]
     for d, obj in zip(found, scene.objects):
@@ -259,3 +266,22 @@ def test_detector_accuracy_on_ground_truth(tag):
     assert strict.mean().item() >= 0.98, info["reasons"]
     assert info["correct"].mean().item() >= 0.98
     assert info["score"].mean().item() >= 0.98
+
+
+def test_detector_rejects_renders_of_a_different_prompt():
+    """The detector-based reward is not trivially 1: renders of a contradicting prompt fail."""
+    rng = np.random.default_rng(99)
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    pairs = []
+    for _ in range(15):
+        a, b = (str(s) for s in rng.choice(SHAPES, 2, replace=False))
+        rel = str(rng.choice(captions.RELATIONS))
+        pairs.append((captions.position(a, rel, b), captions.position(a, opposite[rel], b)))
+        pairs.append((captions.counting(a, 2), captions.counting(a, 3)))
+        pairs.append((captions.color_attr(a, "red", b, "blue"), captions.color_attr(a, "blue", b, "red")))
+    images = torch.stack(
+        [torch.from_numpy(render(captions.sample_scene_for_prompt(drawn, rng), 32)).permute(2, 0, 1) for drawn, _ in pairs]
+    )
+    asked = [claimed for _, claimed in pairs]
+    strict, info = GenEvalReward(MiniDetector())(images, [m["prompt"] for m in asked], asked)
+    assert strict.sum().item() == 0 and info["correct"].sum().item() == 0

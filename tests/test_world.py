@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from tmpo.rewards import geneval
 from tmpo.rewards.geneval import relative_position, validate_metadata
 from tmpo.world import captions, load_prompts
 from tmpo.world.font import ALPHABET, GLYPHS, text_bitmap
@@ -60,9 +61,13 @@ def test_render_square_edges_are_antialiased():
     assert np.allclose(image[0, 0], white, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape, area", [("circle", np.pi * 64), ("square", 256.0), ("triangle", 128.0), ("diamond", 128.0)])
+@pytest.mark.parametrize(
+    "shape, area",
+    [("circle", np.pi * 64), ("square", 256.0), ("triangle", 128.0), ("diamond", 128.0), ("cross", 163.84)],
+)
 def test_render_coverage_matches_area(shape, area):
-    # Half-extent 8 px: circle pi r^2, square (2r)^2, triangle and diamond 2 r^2.
+    # Half-extent 8 px: circle pi r^2, square (2r)^2, triangle and diamond 2 r^2, cross with arm
+    # half-width 0.4 r: two 16 x 6.4 bars minus their 6.4 x 6.4 overlap = 163.84.
     obj = SceneObject(shape, "red", (0.5, 0.5), 8 / 32)
     image = render(Scene((obj,), "white"), 32)
     red, white = np.array(COLORS["red"]), np.array(BACKGROUNDS["white"])
@@ -99,11 +104,17 @@ def test_caption_templates_match_geneval_wording():
     assert captions.counting("cross", 3)["prompt"] == "a photo of three crosses"
     assert captions.colors("diamond", "red")["prompt"] == "a photo of a red diamond"
     assert captions.position("circle", "left of", "square")["prompt"] == "a photo of a circle left of a square"
-    assert captions.color_attr("circle", "red", "square", "blue")["prompt"] == "a photo of a red circle and a blue square"
+    color_attr = captions.color_attr("circle", "red", "square", "blue")
+    assert color_attr["prompt"] == "a photo of a red circle and a blue square"
     assert captions.ocr("K7Q")["prompt"] == 'a sign that reads "K7Q"'
     assert captions.with_article("orange circle") == "an orange circle"
     pref = captions.preference([("circle", "red", 1), ("square", "blue", 2)], "cream")
     assert pref["prompt"] == "a red circle and two blue squares on a cream background"
+
+
+def test_vocabulary_agrees_with_the_geneval_rules():
+    assert captions.GENEVAL_TAGS == geneval.TAGS and captions.RELATIONS == geneval.RELATIONS
+    assert set(COLORS) <= set(geneval.COLORS)  # colour labels must be GenEval colour names
 
 
 def test_metadata_layout_matches_geneval():

@@ -101,7 +101,9 @@ def validate_metadata(metadata: Any, classes: Sequence[str] | None = None) -> No
             if not isinstance(clause.get("class"), str):
                 raise ValueError(f"{at} needs a string 'class'")
             if classes is not None and clause["class"] not in classes:
-                raise ValueError(f"{at}: class {clause['class']!r} can never be detected; detector classes: {sorted(classes)}")
+                raise ValueError(
+                    f"{at}: class {clause['class']!r} can never be detected; detector classes: {sorted(classes)}"
+                )
             count = clause.get("count")
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"{at} needs an integer 'count' >= 1, got {count!r}")
@@ -110,9 +112,9 @@ def validate_metadata(metadata: Any, classes: Sequence[str] | None = None) -> No
             if "position" in clause:
                 pos = clause["position"]
                 if not (isinstance(pos, (list, tuple)) and len(pos) == 2 and pos[0] in RELATIONS):
-                    raise ValueError(f"{at}: 'position' must be [relation, index] with relation in {RELATIONS}, got {pos!r}")
+                    raise ValueError(f"{at}: 'position' must be [relation, index], relation in {RELATIONS}: {pos!r}")
                 if isinstance(pos[1], bool) or not isinstance(pos[1], int) or not 0 <= pos[1] < i:
-                    raise ValueError(f"{at}: position index must point to an earlier include clause (0..{i - 1}), got {pos[1]!r}")
+                    raise ValueError(f"{at}: position index must point to an earlier include clause, got {pos[1]!r}")
 
 
 # ---------------------------------------------------------------------------------------------

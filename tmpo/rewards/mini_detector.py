@@ -11,7 +11,8 @@ Pipeline for one ``[H, W, 3]`` image in [0, 1]:
    ``a`` ~ 0) and ink (large residual for every colour) belong to none.
 3. Connected components (8-neighbourhood) per colour; one component = one candidate object.
 4. Each candidate's soft opacity map is compared with every shape template of
-   :mod:`tmpo.world.render`, over a small grid of centres and sizes around the component's box.
+   :mod:`tmpo.world.render`. Under each shape hypothesis the centroid and the total opacity give
+   the centre and size (exact on a clean render); a small grid around them absorbs noise.
    The class is the best template; the confidence is its soft IoU
    ``sum(min(a, t)) / sum(max(a, t))``, which is ~1 for a clean shape and drops for blobs, merged
    shapes or noise (so GenEval's 0.3 / 0.9 thresholds act as on a real detector).
@@ -25,9 +26,17 @@ import numpy as np
 from scipy import ndimage
 
 from tmpo.rewards.geneval import Detection
-from tmpo.world.render import COLORS, SHAPES, shape_coverage
+from tmpo.world.render import COLORS, CROSS_ARM, SHAPES, shape_coverage
 
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+# Area of each shape in units of r^2 (r = half-extent); the cross has arms of half-width CROSS_ARM * r.
+_AREA_PER_R2 = {
+    "circle": np.pi,
+    "square": 4.0,
+    "triangle": 2.0,
+    "diamond": 2.0,
+    "cross": 8.0 * CROSS_ARM - 4.0 * CROSS_ARM**2,
+}
 
 
 class MiniDetector:
@@ -39,7 +48,8 @@ class MiniDetector:
             the pixel to count as that colour.
         min_radius: smallest half-extent accepted, as a fraction of the image side (the world's
             shapes are at least 5/32); smaller components are noise.
-        search: offsets (pixels) tried around the component's centre and half-extent when fitting.
+        search: offsets (pixels) tried around the moment estimate of the centre when fitting; the
+            half-extent is scaled by ``1 + offset / 5`` over the same values.
     """
 
     classes: tuple[str, ...] = SHAPES
@@ -49,7 +59,7 @@ class MiniDetector:
         colors: Mapping[str, tuple[float, float, float]] = COLORS,
         max_residual: float = 0.2,
         min_radius: float = 2.5 / 32,
-        search: tuple[float, ...] = (-0.5, -0.25, 0.0, 0.25, 0.5),
+        search: tuple[float, ...] = (-0.3, -0.15, 0.0, 0.15, 0.3),
     ) -> None:
         self.color_names = tuple(colors)
         self.palette = np.asarray([colors[c] for c in self.color_names], dtype=np.float64)  # [K, 3]
@@ -65,9 +75,9 @@ class MiniDetector:
         labels, alpha = self.segment(image)
         detections = []
         for k, name in enumerate(self.color_names):
-            components, n = ndimage.label(labels == k, structure=_EIGHT_NEIGHBOURS)
+            components, _ = ndimage.label(labels == k, structure=_EIGHT_NEIGHBOURS)
             for index, region in enumerate(ndimage.find_objects(components), start=1):
-                fit = self._fit(alpha[..., k], components == index, labels, region, image.shape[0])
+                fit = self._fit(alpha[..., k], components == index, labels, region, max(image.shape[:2]))
                 if fit is not None:
                     shape, box, score = fit
                     detections.append(Detection(shape, box, score, name))
@@ -89,7 +99,10 @@ class MiniDetector:
     def _fit(
         self, alpha: np.ndarray, member: np.ndarray, labels: np.ndarray, region: tuple[slice, slice], size: int
     ) -> tuple[str, tuple[float, float, float, float], float] | None:
-        """Best (shape, box, soft IoU) for one component, or None if it is too small."""
+        """Best (shape, box, soft IoU) for one component, or None if it is too small.
+
+        ``size`` is the image side, against which ``min_radius`` is measured.
+        """
         ys, xs = region
         x1, x2, y1, y2 = xs.start, xs.stop, ys.start, ys.stop
         r0 = max(x2 - x1, y2 - y1) / 2
@@ -97,20 +110,24 @@ class MiniDetector:
             return None
         # Window: the component's box plus a 1-px rim for its anti-aliased edge. Pixels claimed by
         # another component are zeroed so a neighbour cannot leak into this one's opacity map.
-        wy1, wy2, wx1, wx2 = max(y1 - 1, 0), min(y2 + 1, size), max(x1 - 1, 0), min(x2 + 1, alpha.shape[1])
+        wy1, wy2, wx1, wx2 = max(y1 - 1, 0), min(y2 + 1, alpha.shape[0]), max(x1 - 1, 0), min(x2 + 1, alpha.shape[1])
         window = alpha[wy1:wy2, wx1:wx2] * ~((labels[wy1:wy2, wx1:wx2] >= 0) & ~member[wy1:wy2, wx1:wx2])
         gy, gx = np.meshgrid(np.arange(wy1, wy2) + 0.5, np.arange(wx1, wx2) + 0.5, indexing="ij")
-        dcx, dcy, dr = np.meshgrid(self.search, self.search, 1.5 * self.search, indexing="ij")
-        cx = ((x1 + x2) / 2 + dcx).reshape(-1, 1, 1)
-        cy = ((y1 + y2) / 2 + dcy).reshape(-1, 1, 1)
-        r = (r0 + dr).reshape(-1, 1, 1)
-        best: tuple[float, str, int] = (-1.0, "", 0)
+        mass = window.sum()
+        mx, my = (window * gx).sum() / mass, (window * gy).sum() / mass
+        best: tuple[float, str, np.ndarray] = (-1.0, "", np.zeros(3))
         for shape in SHAPES:
+            # Moment estimate for this shape hypothesis (exact on a clean render), refined on a grid.
+            r_hat = np.sqrt(mass / _AREA_PER_R2[shape])
+            # A triangle's centroid sits r/3 below its box centre; the other shapes are symmetric.
+            cy_hat = my - r_hat / 3 if shape == "triangle" else my
+            grid = np.meshgrid(mx + self.search, cy_hat + self.search, r_hat * (1 + self.search / 5), indexing="ij")
+            params = np.stack(grid, -1).reshape(-1, 3)  # [V, (cx, cy, r)]
+            cx, cy, r = (params[:, j, None, None] for j in range(3))
             templates = shape_coverage(shape, cx, cy, r, gx, gy)  # [V, h, w]
             iou = np.minimum(templates, window).sum((1, 2)) / np.maximum(templates, window).sum((1, 2))
             i = int(np.argmax(iou))
             if iou[i] > best[0]:
-                best = (float(iou[i]), shape, i)
-        score, shape, i = best
-        c_x, c_y, rad = float(cx.flat[i]), float(cy.flat[i]), float(r.flat[i])
-        return shape, (c_x - rad, c_y - rad, c_x + rad, c_y + rad), score
+                best = (float(iou[i]), shape, params[i])
+        score, shape, (c_x, c_y, rad) = best
+        return shape, (float(c_x - rad), float(c_y - rad), float(c_x + rad), float(c_y + rad)), score

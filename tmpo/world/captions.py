@@ -50,7 +50,8 @@ _RADIUS_RANGE = {1: (5.0, 8.0), 2: (5.0, 7.0), 3: (5.0, 6.0)}  # half-extent by 
 _CROWDED_RADIUS = (4.0, 5.0)  # four or more shapes
 _GAP = 2.0  # min. empty pixels between two shapes' boxes (keeps connected components apart)
 _EDGE = 1.0  # min. empty pixels between a shape and the image border
-_MAX_TRIES = 500
+_MAX_TRIES = 200  # layouts restarted from scratch
+_TRIES_PER_SHAPE = 30  # positions tried for one shape before the layout restarts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +73,11 @@ def plural(noun: str) -> str:
 
 def single_object(cls: str) -> dict[str, Any]:
     """'a photo of a circle'."""
-    return {"tag": "single_object", "include": [{"class": cls, "count": 1}], "prompt": f"a photo of {with_article(cls)}"}
+    return {
+        "tag": "single_object",
+        "include": [{"class": cls, "count": 1}],
+        "prompt": f"a photo of {with_article(cls)}",
+    }
 
 
 def two_object(cls_a: str, cls_b: str) -> dict[str, Any]:
@@ -250,32 +255,33 @@ def _place_shapes(
     """
     n = len(specs)
     lo, hi = _RADIUS_RANGE.get(n, _CROWDED_RADIUS)
-    attempts = 0
-    while attempts < tries:
+    for _ in range(tries):
         boxes: list[np.ndarray] = []
-        while len(boxes) < n and attempts < tries:
-            attempts += 1
-            r = rng.uniform(lo, hi)
-            c = rng.uniform(r + _EDGE, size - r - _EDGE, size=2)
-            box = np.concatenate([c - r, c + r])
-            k = len(boxes)
-            if not all(_boxes_apart(box, other) for other in list(boxes) + list(obstacles)):
-                continue
-            placed = boxes + [box]
-            if not all(_relation_holds(placed[i], placed[j], rel) for i, j, rel in relations if max(i, j) <= k):
-                if attempts % 20 == 0:
-                    boxes = []  # this partial layout admits no valid continuation often enough: restart
-                continue
-            boxes.append(box)
+        for k in range(n):
+            for _ in range(_TRIES_PER_SHAPE):
+                r = rng.uniform(lo, hi)
+                c = rng.uniform(r + _EDGE, size - r - _EDGE, size=2)
+                box = np.concatenate([c - r, c + r])
+                placed = boxes + [box]
+                if all(_boxes_apart(box, other) for other in list(boxes) + list(obstacles)) and all(
+                    _relation_holds(placed[i], placed[j], rel) for i, j, rel in relations if max(i, j) <= k
+                ):
+                    boxes.append(box)
+                    break
+            else:
+                break  # dead end: the shapes placed so far leave no room, restart the layout
         if len(boxes) == n:
-            return [
-                SceneObject(shape, color, (float((b[0] + b[2]) / 2 / size), float((b[1] + b[3]) / 2 / size)), float((b[2] - b[0]) / 2 / size))
-                for (shape, color), b in zip(specs, boxes)
-            ]
+            objects = []
+            for (shape, color), (x1, y1, x2, y2) in zip(specs, (box.tolist() for box in boxes)):
+                centre = ((x1 + x2) / 2 / size, (y1 + y2) / 2 / size)
+                objects.append(SceneObject(shape, color, centre, (x2 - x1) / 2 / size))
+            return objects
     return None
 
 
-def _specs_for_include(metadata: dict[str, Any], rng: np.random.Generator):
+def _specs_for_include(
+    metadata: dict[str, Any], rng: np.random.Generator
+) -> tuple[list[tuple[str, str]], list[tuple[int, int, str]]]:
     """Shapes and relation constraints that satisfy a GenEval record's include clauses exactly."""
     specs: list[tuple[str, str]] = []
     groups: list[list[int]] = []
@@ -339,7 +345,7 @@ def _sample_sign_scene(text: str, rng: np.random.Generator, size: int) -> Scene:
     sign_box = np.asarray(sign_pixel_box(sign, size), dtype=np.float64)
     for n in range(int(rng.integers(0, 3)), 0, -1):
         specs = [(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))) for _ in range(n)]
-        objects = _place_shapes(specs, (), rng, size, obstacles=[sign_box], tries=100)
+        objects = _place_shapes(specs, (), rng, size, obstacles=[sign_box], tries=20)
         if objects is not None:
             return Scene(tuple(objects), background, sign)
     return Scene((), background, sign)
