@@ -102,8 +102,8 @@ class Trainer:
         gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, 1))
         rollout = self.sampler.rollout(self.policy, texts, meta, step, self.cfg.total_steps, gen)
         t_rollout = time.perf_counter()
-        rewards = self.score(rollout)
-        prepared = self.objective.prepare(rollout, rewards, step)
+        samples, rewards, reward_info = self.score(rollout)
+        prepared = self.objective.prepare(rollout, rewards, step, samples=samples, reward_info=reward_info)
         stats = policy_update(
             self.policy, rollout, self.objective, prepared, self.optimizer, self.params,
             inner_epochs=self.cfg.inner_epochs, minibatches=self.cfg.minibatches,
@@ -114,6 +114,7 @@ class Trainer:
         self.ema.update(step)
         g, k = rollout.num_groups, rollout.group_size
         metrics = {f"train/{n}": v for n, v in stats.items()}
+        metrics.update({f"train/{n}": v for n, v in self.objective.after_update(self.policy, stats, step).items()})
         metrics.update({f"train/{n}": float(v) for n, v in prepared.stats.items()})
         adv = prepared.leaf_adv if prepared.leaf_adv is not None else torch.full_like(rewards, float("nan"))
         diag = group_diagnostics(rewards.view(g, k), rollout.trajectory_log_prob_old().view(g, k), adv.view(g, k))
@@ -132,20 +133,22 @@ class Trainer:
         })
         return metrics
 
-    def score(self, rollout) -> torch.Tensor:
-        """Decode leaves and score them; a non-finite or mis-shaped reward is an error, never zeroed."""
+    def score(self, rollout) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Decode and score the leaves -> ``(samples, rewards [L], reward info)``.
+
+        A non-finite or mis-shaped reward is an error, never zeroed."""
         with torch.no_grad():
             samples = self.policy.decode(rollout.leaves)
         k = rollout.group_size
         texts = [t for t in rollout.prompts for _ in range(k)]
         meta = [m for m in rollout.metadata for _ in range(k)]
-        rewards, _ = self.reward(samples, texts, meta)
+        rewards, info = self.reward(samples, texts, meta)
         rewards = torch.as_tensor(rewards, dtype=torch.float32)
         if rewards.shape != (rollout.leaves.shape[0],):
             raise ValueError(f"reward returned shape {tuple(rewards.shape)}, expected [{rollout.leaves.shape[0]}]")
         if not bool(torch.isfinite(rewards).all()):
             raise ValueError(f"reward returned non-finite values ({int((~torch.isfinite(rewards)).sum())} of {rewards.numel()})")
-        return rewards
+        return samples, rewards, dict(info or {})
 
     # --- evaluation, checkpoints ---------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -158,6 +161,7 @@ class Trainer:
         return {
             "step": self.step,
             "policy": self.policy.trainable_state(),
+            "policy_reference": self.policy.reference_state(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -172,6 +176,7 @@ class Trainer:
     def load(self, path: str | Path) -> None:
         state = load_checkpoint(path)
         self.policy.load_trainable_state(state["policy"])
+        self.policy.load_reference_state(state.get("policy_reference"))
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -116,7 +116,7 @@ def policy_update(
     groups = torch.arange(rollout.num_groups)
     n_mb = max(1, min(minibatches, rollout.num_groups))
     sums: dict[str, float] = {}
-    count = 0
+    count, kl_max = 0, 0.0
     for _ in range(inner_epochs):
         for mb_groups in torch.tensor_split(groups, n_mb):
             optimizer.zero_grad(set_to_none=True)
@@ -129,5 +129,8 @@ def policy_update(
             stats["grad_norm"] = norm.detach()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+            kl_max = max(kl_max, float(stats["kl_ref"]))
             count += 1
-    return {k: v / count for k, v in sums.items()}
+    out = {k: v / count for k, v in sums.items()}
+    out["kl_ref_max"] = kl_max  # the largest per-optimizer-step KL (GARDO's reset rule reads it)
+    return out

@@ -10,3 +10,6 @@ __all__ = [
     "GRPOObjective", "Minibatch", "Objective", "Prepared", "SoftmaxTBObjective", "clip_fraction",
     "clipped_surrogate", "group_zscore", "linear_warmup", "softmax_tb_advantage", "uniform_policy_advantage",
 ]
+from tmpo.objectives.stepwise_balance import StepwiseBalanceObjective  # noqa: E402
+
+__all__ += ["StepwiseBalanceObjective"]

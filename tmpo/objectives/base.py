@@ -57,8 +57,16 @@ class Objective:
     kl_coef: float = 0.0
     log_prob_reduction: str = "mean"  # "mean" (paper eq. 49) or "sum" over latent dims
 
-    def prepare(self, rollout: Rollout, rewards: Tensor, step: int) -> Prepared:
+    def prepare(
+        self, rollout: Rollout, rewards: Tensor, step: int, samples: Tensor | None = None, reward_info: dict | None = None
+    ) -> Prepared:
+        """Detached advantages (and KL weights) for this rollout. ``samples`` are the decoded leaves and
+        ``reward_info`` the reward's side outputs, for objectives that need them (e.g. GARDO)."""
         raise NotImplementedError
+
+    def after_update(self, policy, stats: dict[str, float], step: int) -> dict[str, float]:
+        """Hook after the iteration's optimizer steps (e.g. GARDO's reference reset); returns metrics."""
+        return {}
 
     def loss(self, mb: Minibatch, log_prob: Tensor, bias: Tensor, prepared: Prepared) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

@@ -25,7 +25,8 @@ class GRPOObjective(Objective):
         kl_coef: KL-to-reference coefficient (0.03 in the paper's comparisons).
         global_std: divide by the std over the whole batch instead of each group's (Flow-GRPO option).
         adv_clip: clamp advantages to ``[-adv_clip, adv_clip]`` (Flow-GRPO: 5).
-        std_eps: added to the std (Flow-GRPO: 1e-4).
+        std_eps: added to the std (Flow-GRPO: 1e-4; MixGRPO: 1e-8).
+        unbiased_std: ``K - 1`` std denominator (MixGRPO's ``torch.std``) instead of ``K`` (Flow-GRPO's numpy).
         ratio_norm: centre each per-step log-ratio with RatioNorm (off for GRPO baselines).
     """
 
@@ -36,6 +37,7 @@ class GRPOObjective(Objective):
         global_std: bool = False,
         adv_clip: float = 5.0,
         std_eps: float = 1e-4,
+        unbiased_std: bool = False,
         ratio_norm: bool = False,
         log_prob_reduction: str = "mean",
     ) -> None:
@@ -44,15 +46,18 @@ class GRPOObjective(Objective):
         self.global_std = global_std
         self.adv_clip = adv_clip
         self.std_eps = std_eps
+        self.unbiased_std = unbiased_std
         self.ratio_norm = ratio_norm
         self.log_prob_reduction = log_prob_reduction
 
     def leaf_advantages(self, rewards: Tensor) -> Tensor:
         """``[G, K]`` rewards to clamped z-scored advantages."""
-        adv = group_zscore(rewards, eps=self.std_eps, global_std=self.global_std)
+        adv = group_zscore(rewards, eps=self.std_eps, global_std=self.global_std, unbiased=self.unbiased_std)
         return adv.clamp(-self.adv_clip, self.adv_clip)
 
-    def prepare(self, rollout: Rollout, rewards: Tensor, step: int) -> Prepared:
+    def prepare(
+        self, rollout: Rollout, rewards: Tensor, step: int, samples: Tensor | None = None, reward_info: dict | None = None
+    ) -> Prepared:
         adv = self.leaf_advantages(rewards.view(rollout.num_groups, rollout.group_size))
         return Prepared(leaf_adv=adv.reshape(-1))
 

@@ -52,7 +52,9 @@ class SoftmaxTBObjective(Objective):
     def beta(self, step: int) -> float:
         return linear_warmup(step, self.beta_start, self.beta_end, self.beta_warmup_steps)
 
-    def prepare(self, rollout: Rollout, rewards: Tensor, step: int) -> Prepared:
+    def prepare(
+        self, rollout: Rollout, rewards: Tensor, step: int, samples: Tensor | None = None, reward_info: dict | None = None
+    ) -> Prepared:
         g, k = rollout.num_groups, rollout.group_size
         beta = self.beta(step)
         r = rewards.view(g, k)

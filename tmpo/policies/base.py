@@ -72,13 +72,67 @@ class FlowPolicy(nn.Module):
         outer = self._use_reference
         self._use_reference = True
         try:
-            if self.lora_config:
+            if self.lora_config and getattr(self, "_lora_reference_adapter", False):
+                self.net.set_adapter("reference")
+                try:
+                    yield
+                finally:
+                    self.net.set_adapter("default")
+                    for n, prm in self.net.named_parameters():  # set_adapter may flip requires_grad
+                        if ".reference." in n:
+                            prm.requires_grad_(False)
+            elif self.lora_config:
                 with self.net.disable_adapter():
                     yield
             else:
                 yield
         finally:
             self._use_reference = outer
+
+    @torch.no_grad()
+    def reset_reference(self) -> None:
+        """Make the reference policy a copy of the current policy (GARDO's adaptive reference reset).
+
+        Full fine-tuning copies the weights into the frozen copy; LoRA keeps a second, frozen adapter
+        named ``reference`` and switches to it inside :meth:`reference`.
+        """
+        self._reference_was_reset = True
+        if not self.lora_config:
+            self._reference_net.load_state_dict(self.net.state_dict())
+            return
+        from peft import LoraConfig
+
+        if "reference" not in self.net.peft_config:
+            cfg = dict(self.lora_config)
+            r = int(cfg.pop("r"))
+            self.net.add_adapter("reference", LoraConfig(r=r, lora_alpha=float(cfg.pop("alpha", 2 * r)), **cfg))
+        params = dict(self.net.named_parameters())
+        for name, p in params.items():
+            if ".default." in name:
+                ref = params[name.replace(".default.", ".reference.")]
+                ref.copy_(p)
+                ref.requires_grad_(False)
+        self._lora_reference_adapter = True
+
+    def reference_state(self) -> dict[str, Tensor] | None:
+        """The reference weights if :meth:`reset_reference` changed them (for exact resume), else None."""
+        if not getattr(self, "_reference_was_reset", False):
+            return None
+        if not self.lora_config:
+            return {k: v.clone() for k, v in self._reference_net.state_dict().items()}
+        return {n: p.detach().clone() for n, p in self.net.named_parameters() if ".reference." in n}
+
+    def load_reference_state(self, state: dict[str, Tensor] | None) -> None:
+        if state is None:
+            return
+        self.reset_reference()  # creates the adapter / marks the reset, then overwrite with the saved weights
+        with torch.no_grad():
+            if not self.lora_config:
+                self._reference_net.load_state_dict(state)
+            else:
+                params = dict(self.net.named_parameters())
+                for n, v in state.items():
+                    params[n].copy_(v)
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]

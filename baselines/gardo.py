@@ -1,0 +1,150 @@
+"""GARDO (He et al. 2025, arXiv 2512.24138): Flow-GRPO plus diversity-aware advantages, a gated
+(selective) KL and an adaptive reference reset. Read from tinnerhrhe/GARDO (see
+``shared/specs/baselines.md`` §4); the rollout, step and loss are the shared core's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tmpo.objectives.base import Prepared
+from tmpo.objectives.grpo import GRPOObjective
+from tmpo.samplers.rollout import Rollout
+
+
+def nearest_neighbour_distance(features: Tensor) -> Tensor:
+    """Cosine distance of each sample to its nearest other group member: ``[G, K, D] -> [G, K]``."""
+    f = torch.nn.functional.normalize(features.double(), dim=-1)
+    dist = 1.0 - f @ f.transpose(-1, -2)
+    eye = torch.eye(f.shape[-2], dtype=torch.bool)
+    return dist.masked_fill(eye, torch.inf).min(dim=-1).values
+
+
+def diversity_advantage(rewards: Tensor, nn_dist: Tensor) -> Tensor:
+    """``A_i = (r_i - mean r) * w_i``, ``w_i = d_i / mean(d)`` for above-average samples, else 1; no std.
+
+    ``[G, K]`` in and out. Only samples at or above the group's mean reward are amplified by how far
+    they are from their nearest neighbour (GARDO ``stat_tracking`` ``type='gardo'``).
+    """
+    r = rewards.double()
+    mean_r = r.mean(-1, keepdim=True)
+    w = torch.where(r >= mean_r, nn_dist / nn_dist.mean(-1, keepdim=True), torch.ones_like(r))
+    return ((r - mean_r) * w).to(rewards.dtype)
+
+
+def descending_ranks(x: Tensor) -> Tensor:
+    """Rank 1 = largest value (ordinal ranks; ties broken by position)."""
+    order = torch.argsort(-x.double(), stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(1, x.numel() + 1)
+    return ranks.double()
+
+
+def uncertainty(main: Tensor, aux: list[Tensor], sign: float = 1.0) -> Tensor:
+    """``u_i = sign * (rank_main - mean_aux rank)`` over the whole batch (GARDO code: sign = +1).
+
+    With ``sign = +1`` (the code) ``u > 0`` means the proxy reward ranks the sample *worse* than the
+    auxiliary models do; ``sign = -1`` flags samples the proxy over-rates (the usual hacking reading).
+    """
+    if not aux:
+        raise ValueError("GARDO's uncertainty gate needs auxiliary rewards (reward info 'aux'); use kl_gate=all")
+    return sign * (descending_ranks(main) - torch.stack([descending_ranks(a) for a in aux]).mean(0))
+
+
+class RiskCompensator:
+    """Adaptive flagged fraction ``b``: x1.1 when the batch's mean non-negative ``u`` exceeds the max of the
+    last ``history`` batch means, x0.9 when below their min; clipped to ``[b_min, b_max]``."""
+
+    def __init__(self, b: float = 0.1, history: int = 20, b_min: float = 0.02, b_max: float = 0.2) -> None:
+        self.b, self.history, self.b_min, self.b_max = b, history, b_min, b_max
+        self.means: list[float] = []
+
+    def update(self, u: Tensor) -> float:
+        pos = u[u >= 0]
+        m = float(pos.mean()) if pos.numel() else 0.0
+        if self.means:
+            if m > max(self.means):
+                self.b *= 1.1
+            elif m < min(self.means):
+                self.b *= 0.9
+        self.b = float(np.clip(self.b, self.b_min, self.b_max))
+        self.means = (self.means + [m])[-self.history :]
+        return self.b
+
+
+def gate_flags(u: Tensor, b: float) -> Tensor:
+    """Flag samples whose ``u`` exceeds the ``(100 - 100 b)``-th percentile of the non-negative ``u``."""
+    pos = u[u >= 0]
+    if pos.numel() == 0:
+        return torch.zeros_like(u, dtype=torch.bool)
+    thr = np.percentile(pos.numpy(), 100.0 - 100.0 * b)
+    return u > float(thr)
+
+
+class GARDOObjective(GRPOObjective):
+    """Flow-GRPO clip loss with GARDO's advantage, gated KL and reference reset.
+
+    Args:
+        features: extractor ``samples -> [N, D]`` for the diversity weights (DINOv2 in the TMPO paper,
+            DINOv3 in GARDO's code; the toy uses the raw points).
+        kl_gate: ``"uncertainty"`` (KL only on flagged samples; needs ``reward_info["aux"]``) or
+            ``"all"`` (plain KL on every sample, for rewards without auxiliary models such as the toy).
+        uncertainty_sign: +1 as GARDO's code, -1 to flag samples the proxy over-rates.
+        kl_thres: reset the reference when an iteration's KL exceeded this (3e-4 in GARDO; per task).
+        reset_every: reset anyway after this many iterations without one (hard-coded 15 in the code).
+    """
+
+    def __init__(
+        self,
+        features: Callable[[Tensor], Tensor],
+        kl_gate: str = "uncertainty",
+        uncertainty_sign: float = 1.0,
+        kl_thres: float = 3e-4,
+        reset_every: int = 15,
+        **grpo_kwargs,
+    ) -> None:
+        super().__init__(**grpo_kwargs)
+        if kl_gate not in ("uncertainty", "all"):
+            raise ValueError(f"kl_gate must be 'uncertainty' or 'all', got {kl_gate!r}")
+        self.features, self.kl_gate, self.uncertainty_sign = features, kl_gate, uncertainty_sign
+        self.kl_thres, self.reset_every = kl_thres, reset_every
+        self.compensator = RiskCompensator()
+        self.since_reset = 0
+
+    def prepare(
+        self, rollout: Rollout, rewards: Tensor, step: int, samples: Tensor | None = None, reward_info: dict | None = None
+    ) -> Prepared:
+        if samples is None:
+            raise ValueError("GARDO needs the decoded samples for its diversity weights")
+        g, k = rollout.num_groups, rollout.group_size
+        feats = self.features(samples).view(g, k, -1)
+        adv = diversity_advantage(rewards.view(g, k), nearest_neighbour_distance(feats)).clamp(-self.adv_clip, self.adv_clip)
+        stats: dict[str, Tensor] = {}
+        kl_w = None
+        if self.kl_gate == "uncertainty":
+            aux = list((reward_info or {}).get("aux", {}).values())
+            u = uncertainty(rewards, aux, self.uncertainty_sign)
+            b = self.compensator.update(u)
+            flags = gate_flags(u, b)
+            kl_w = flags.to(rewards.dtype)
+            stats = {"gardo_b": torch.tensor(b), "gardo_flagged": flags.float().mean()}
+        return Prepared(leaf_adv=adv.reshape(-1), kl_leaf_weight=kl_w, stats=stats)
+
+    def after_update(self, policy, stats: dict[str, float], step: int) -> dict[str, float]:
+        self.since_reset += 1
+        reset = stats.get("kl_ref_max", 0.0) > self.kl_thres or self.since_reset > self.reset_every
+        if reset:
+            policy.reset_reference()
+            self.since_reset = 0
+        return {"gardo_reference_reset": float(reset)}
+
+    def state_dict(self) -> dict:
+        return {"b": self.compensator.b, "means": list(self.compensator.means), "since_reset": self.since_reset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.compensator.b, self.compensator.means = state["b"], list(state["means"])
+        self.since_reset = state["since_reset"]
