@@ -19,18 +19,9 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 def compose_run(overrides: list[str], run_dir: Path):
     """Compose the real run config as ``python -m tmpo.run <overrides>`` would, writing into ``run_dir``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from tmpo.run import compose_config
 
-    import tmpo.run  # noqa: F401  (registers the schema)
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[f"run_dir={run_dir}", "logger=none", "trainer.progress=false", *overrides],
-        )
-    return cfg
+    return compose_config([f"run_dir={run_dir}", "logger=none", "trainer.progress=false", *overrides])
 
 
 @pytest.fixture

@@ -18,6 +18,19 @@ register_configs()
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose the run config in-process, exactly as ``python -m tmpo.run <overrides>`` would.
+
+    ``run_dir=...`` must be among the overrides (there is no Hydra runtime to provide it).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
 def build_trainer(cfg: DictConfig) -> Trainer:
     """Instantiate every component from a composed config and wire them into the shared loop."""
     validate_targets(cfg)
