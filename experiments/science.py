@@ -1,0 +1,167 @@
+"""What carries Softmax-TB's mode covering? Five toy experiments (science issue), 5 seeds per cell.
+
+    python -m experiments.science                 # all experiments
+    python -m experiments.science --only policy_term finite_k
+
+1. diagnostics: entropy of p / log K, log P spread, corr(log p, R), advantage variance from log q,
+   logged every iteration by every method (read back from metrics.jsonl);
+2. policy_term: TMPO vs p := 1/K vs true-density (sum) log-probs;
+3. finite_k: K in {3, 9, 27, 81} independent trajectories, final KL to the Boltzmann target;
+4. prefix: tree vs 27 independent trajectories; how often sibling leaves land in the same mode;
+5. explanations: beta warm-up, log-softmax vs z-scored advantages, tree rollouts, each isolated.
+
+Writes ``results/science/{cells.csv,per_seed.csv,diagnostics.csv,*.png}``; runs go to ``runs/science``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from experiments.grid import mean_std_table, run_grid  # noqa: E402
+from tmpo.samplers import DynamicTreePlan, FlowSampler, IndependentPlan  # noqa: E402
+from tmpo.toyworld import ToyMixture  # noqa: E402
+
+INDEP = "sampler=tree_independent"
+EXPERIMENTS: dict[str, dict[str, list[str]]] = {
+    "policy_term": {
+        "tmpo": ["method=tmpo"],
+        "tmpo_p_uniform": ["method=tmpo", "objective.policy_term=uniform"],
+        "tmpo_logp_sum": ["method=tmpo", "objective.log_prob_reduction=sum"],
+    },
+    "finite_k": {
+        f"tmpo_indep_K{k}": ["method=tmpo", INDEP, f"sampler.plan.group_size={k}"] for k in (3, 9, 27, 81)
+    },
+    "prefix": {
+        "tmpo": ["method=tmpo"],
+        "tmpo_indep_K27": ["method=tmpo", INDEP],
+    },
+    "explanations": {
+        "tmpo": ["method=tmpo"],
+        "tmpo_beta1": ["method=tmpo", "ablation=beta1"],
+        "tmpo_p_uniform": ["method=tmpo", "objective.policy_term=uniform"],
+        "grpo_tree": ["method=grpo"],
+        "grpo_indep_K27": ["method=grpo", INDEP],
+        "tmpo_indep_K27": ["method=tmpo", INDEP],
+    },
+}
+METRICS = ["reward", "modes_covered", "kl_to_target", "fwd_kl_to_target", "occ_A", "occ_B", "occ_C", "occ_D", "occ_E"]
+DIAG = ["diag/p_entropy_frac", "diag/logp_spread", "diag/corr_logp_reward", "diag/adv_var_from_log_q"]
+
+
+def sibling_agreement(trainer, tree: bool, n_prompts: int = 16, seed: int = 99) -> dict[str, float]:
+    """P(same mode) for leaves sharing their last parent (tree siblings) and for random same-group pairs."""
+    world = ToyMixture()
+    plan = DynamicTreePlan() if tree else IndependentPlan(group_size=27, sde_steps="branch_schedule", tree=DynamicTreePlan())
+    sampler = FlowSampler(plan, trainer.sampler.num_steps, trainer.sampler.eta, trainer.sampler.noise)
+    with trainer.ema.applied():
+        r = sampler.rollout(trainer.policy, ["toy"] * n_prompts, [{}] * n_prompts, trainer.cfg.total_steps,
+                            trainer.cfg.total_steps, torch.Generator().manual_seed(seed))
+    mode = world.assign(r.leaves)
+    k = r.group_size
+    same_group = (r.group[:, None] == r.group[None, :]) & ~torch.eye(len(mode), dtype=torch.bool)
+    same_mode = (mode[:, None] == mode[None, :]) & (mode[:, None] >= 0)
+    out = {"pair_same_mode": float(same_mode[same_group].float().mean())}
+    if tree:
+        last = r.path.shape[1] - 1 - torch.argmax(r.path.flip(1), dim=1)  # each leaf's last stored edge
+        last_parent = r.edge_parent[last]
+        sib = (last_parent[:, None] == last_parent[None, :]) & same_group
+        out["sibling_same_mode"] = float(same_mode[sib].float().mean())
+    out["k"] = float(k)
+    return out
+
+
+def diagnostics_table(runs: Path, cells: list[str], seeds: list[int]) -> pd.DataFrame:
+    rows = []
+    for cell in cells:
+        for seed in seeds:
+            path = runs / f"{cell}_s{seed}" / "metrics.jsonl"
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if "train/loss" in row:
+                    rows.append({"cell": cell, "seed": seed, "step": row["step"], "reward": row["train/reward_mean"],
+                                 **{d.split("/")[1]: row[d] for d in DIAG}})
+    return pd.DataFrame(rows)
+
+
+def plot_diagnostics(diag: pd.DataFrame, out: Path) -> None:
+    names = ["p_entropy_frac", "logp_spread", "corr_logp_reward", "adv_var_from_log_q"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for cell, g in diag.groupby("cell", sort=False):
+        m = g.groupby("step")[names].agg(["mean", "std"])
+        for ax, n in zip(axes, names):
+            ax.plot(m.index, m[(n, "mean")], label=cell, lw=1)
+            ax.fill_between(m.index, m[(n, "mean")] - m[(n, "std")], m[(n, "mean")] + m[(n, "std")], alpha=0.15)
+    for ax, n in zip(axes, names):
+        ax.set_title(n, fontsize=9), ax.set_xlabel("step")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_finite_k(table: pd.DataFrame, out: Path) -> None:
+    t = table[table.cell.str.startswith("tmpo_indep_K")].copy()
+    t["K"] = t.cell.str.extract(r"K(\d+)").astype(int)
+    t = t.sort_values("K")
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    ax.errorbar(t.K, t.kl_to_target, yerr=t.kl_to_target_std, marker="o", label="KL(occupancy || target)")
+    ax.errorbar(t.K, t.fwd_kl_to_target, yerr=t.fwd_kl_to_target_std, marker="s", label="KL(target || occupancy)")
+    ax.set_xscale("log"), ax.set_xticks(t.K, [str(k) for k in t.K]), ax.set_xlabel("K (independent trajectories)")
+    ax.set_ylabel("final KL"), ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=list(EXPERIMENTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--runs", type=Path, default=Path("runs/science"))
+    ap.add_argument("--out", type=Path, default=Path("results/science"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cells: dict[str, list[str]] = {}
+    membership = []
+    for exp in args.only:
+        for cell, overrides in EXPERIMENTS[exp].items():
+            cells.setdefault(cell, overrides)
+            membership.append({"experiment": exp, "cell": cell})
+    agreement = []
+
+    def on_run(cell, seed, trainer):
+        if cell in ("tmpo", "tmpo_indep_K27", "grpo_tree", "grpo_indep_K27"):
+            agreement.append({"cell": cell, "seed": seed, **sibling_agreement(trainer, tree="indep" not in cell)})
+
+    df = run_grid(cells, args.seeds, args.runs, on_run=on_run)
+    df[["cell", "seed"] + METRICS].to_csv(args.out / "per_seed.csv", index=False, float_format="%.4f")
+    table = mean_std_table(df, METRICS)
+    if agreement:
+        ag = pd.DataFrame(agreement)
+        cols = [c for c in ("sibling_same_mode", "pair_same_mode") if c in ag]
+        table = table.merge(mean_std_table(ag, cols), on=["cell", "n_seeds"], how="left")
+    table = pd.DataFrame(membership).merge(table, on="cell")
+    table.to_csv(args.out / "cells.csv", index=False, float_format="%.4f")
+    diag = diagnostics_table(args.runs, list(cells), args.seeds)
+    diag.groupby(["cell", "step"]).mean(numeric_only=True).drop(columns="seed").to_csv(
+        args.out / "diagnostics.csv", float_format="%.4f")
+    plot_diagnostics(diag[diag.cell.isin(["tmpo", "tmpo_p_uniform", "tmpo_logp_sum", "grpo_tree"])], args.out / "diagnostics.png")
+    if "finite_k" in args.only:
+        plot_finite_k(table.drop_duplicates("cell"), args.out / "finite_k.png")
+    show = ["experiment", "cell", "reward", "reward_std", "modes_covered", "modes_covered_std", "kl_to_target", "kl_to_target_std"]
+    print(table[show].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
