@@ -34,10 +34,11 @@ class Evaluator:
         samples_per_prompt: int = 10,
         num_steps: int = 28,
         seed: int = 1234,
+        progress: bool = False,
     ) -> None:
         self.prompts, self.reward, self.metrics = prompts, reward, list(metrics)
         self.max_prompts, self.samples_per_prompt = max_prompts, samples_per_prompt
-        self.num_steps, self.seed = num_steps, seed
+        self.num_steps, self.seed, self.progress = num_steps, seed, progress
 
     def __call__(self, policy: FlowPolicy) -> dict[str, float]:
         test = self.prompts.test()[: self.max_prompts]
@@ -45,7 +46,7 @@ class Evaluator:
             raise ValueError("the prompt source has no test prompts to evaluate on")
         texts = [t for t, _ in test]
         gen = torch.Generator().manual_seed(self.seed)
-        latents = sample_ode(policy, texts, self.samples_per_prompt, self.num_steps, gen)
+        latents = sample_ode(policy, texts, self.samples_per_prompt, self.num_steps, gen, progress=self.progress)
         with torch.no_grad():
             samples = policy.decode(latents)
         rep_texts = [t for t in texts for _ in range(self.samples_per_prompt)]

@@ -45,7 +45,7 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     reward = instantiate(cfg.reward.fn)
     prompts = instantiate(cfg.reward.prompts)
     metrics = [instantiate(m) for m in cfg.reward.metrics]
-    evaluator = Evaluator(prompts, reward, metrics, **to_container(cfg.eval))
+    evaluator = Evaluator(prompts, reward, metrics, progress=trainer_cfg.progress, **to_container(cfg.eval))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

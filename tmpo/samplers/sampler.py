@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tmpo.policies.base import FlowPolicy
 from tmpo.samplers.plans import Plan, RolloutPlan
@@ -173,14 +174,16 @@ def edge_log_probs(rollout: Rollout, parent_ids: Tensor, means: Tensor) -> tuple
 
 
 @torch.no_grad()
-def sample_ode(policy: FlowPolicy, prompts: list[str], n_per_prompt: int, num_steps: int, generator: torch.Generator) -> Tensor:
+def sample_ode(
+    policy: FlowPolicy, prompts: list[str], n_per_prompt: int, num_steps: int, generator: torch.Generator, progress: bool = False
+) -> Tensor:
     """Deterministic Euler sampling (evaluation): ``n_per_prompt`` samples per prompt, ``[G*n, *S]``."""
     dev, dtype = policy.device, policy.dtype
     sigmas = policy.sigmas(num_steps).to(dev, dtype)
     cond = policy.encode_prompts(prompts)
     group = torch.arange(len(prompts)).repeat_interleave(n_per_prompt).to(dev)
     x = torch.randn((group.numel(), *policy.latent_shape), generator=generator, dtype=dtype).to(dev)
-    for s in range(1, num_steps + 1):
+    for s in tqdm(range(1, num_steps + 1), desc="eval", leave=False, disable=not progress):
         v = policy.velocity(x, sigmas[s - 1].expand(x.shape[0]), cond, group)
         x = x + v * (sigmas[s] - sigmas[s - 1])
     return x
