@@ -53,19 +53,31 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         "grpo_indep_K27": ["method=grpo", INDEP],
         "tmpo_indep_K27": ["method=tmpo", INDEP],
     },
+    # reward vs KL along training (eval every 20 steps): is TMPO's coverage more than lower reward?
+    "frontier": {
+        f"{name}_curve": [*ov, "trainer.eval_every=20"]
+        for name, ov in {
+            "tmpo": ["method=tmpo"],
+            "tmpo_p_uniform": ["method=tmpo", "objective.policy_term=uniform"],
+            "tmpo_logp_sum": ["method=tmpo", "objective.log_prob_reduction=sum"],
+            "grpo_tree": ["method=grpo"],
+            "flow_grpo": ["method=flow_grpo"],
+        }.items()
+    },
 }
 METRICS = ["reward", "modes_covered", "kl_to_target", "fwd_kl_to_target", "occ_A", "occ_B", "occ_C", "occ_D", "occ_E"]
 DIAG = ["diag/p_entropy_frac", "diag/logp_spread", "diag/corr_logp_reward", "diag/adv_var_from_log_q"]
 
 
-def sibling_agreement(trainer, tree: bool, n_prompts: int = 16, seed: int = 99) -> dict[str, float]:
+def sibling_agreement(trainer, tree: bool, n_prompts: int = 16, seed: int = 99, step: int | None = None) -> dict[str, float]:
     """P(same mode) for leaves sharing their last parent (tree siblings) and for random same-group pairs."""
     world = ToyMixture()
     plan = DynamicTreePlan() if tree else IndependentPlan(group_size=27, sde_steps="branch_schedule", tree=DynamicTreePlan())
     sampler = FlowSampler(plan, trainer.sampler.num_steps, trainer.sampler.eta, trainer.sampler.noise)
     with trainer.ema.applied():
-        r = sampler.rollout(trainer.policy, ["toy"] * n_prompts, [{}] * n_prompts, trainer.cfg.total_steps,
-                            trainer.cfg.total_steps, torch.Generator().manual_seed(seed))
+        at = trainer.cfg.total_steps if step is None else step
+        r = sampler.rollout(trainer.policy, ["toy"] * n_prompts, [{}] * n_prompts, at, trainer.cfg.total_steps,
+                            torch.Generator().manual_seed(seed))
     mode = world.assign(r.leaves)
     k = r.group_size
     same_group = (r.group[:, None] == r.group[None, :]) & ~torch.eye(len(mode), dtype=torch.bool)
@@ -78,6 +90,47 @@ def sibling_agreement(trainer, tree: bool, n_prompts: int = 16, seed: int = 99) 
         out["sibling_same_mode"] = float(same_mode[sib].float().mean())
     out["k"] = float(k)
     return out
+
+
+def base_prefix_agreement(seeds: list[int]) -> pd.DataFrame:
+    """Sibling vs random-pair mode agreement of the *pre-trained* model's rollouts, early and late tree."""
+    from tmpo.run import build_trainer, compose_config
+
+    rows = []
+    for progress_step, label in ((0, "early (p=0)"), (300, "late (p=1)")):
+        for seed in seeds:
+            cfg = compose_config(["run_dir=/tmp/tmpo_base_prefix", "logger=none", "trainer.progress=false"])
+            trainer = build_trainer(cfg)
+            trainer.cfg.total_steps = 300
+            for tree in (True, False):
+                res = sibling_agreement(trainer, tree=tree, n_prompts=32, seed=seed, step=progress_step)
+                rows.append({"schedule": label, "rollout": "tree" if tree else "independent", "seed": seed, **res})
+    return pd.DataFrame(rows)
+
+
+def plot_frontier(runs: Path, cells: list[str], seeds: list[int], out: Path) -> pd.DataFrame:
+    rows = []
+    for cell in cells:
+        for seed in seeds:
+            for line in (runs / f"{cell}_s{seed}" / "metrics.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                if "eval/reward" in row:
+                    rows.append({"cell": cell, "seed": seed, "step": row["step"], "reward": row["eval/reward"],
+                                 "kl_to_target": row["eval/kl_to_target"], "modes_covered": row["eval/modes_covered"]})
+                elif "base/reward" in row:
+                    rows.append({"cell": cell, "seed": seed, "step": 0, "reward": row["base/reward"],
+                                 "kl_to_target": row["base/kl_to_target"], "modes_covered": row["base/modes_covered"]})
+    df = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for cell, g in df.groupby("cell", sort=False):
+        m = g.groupby("step")[["reward", "kl_to_target"]].mean()
+        ax.plot(m.reward, m.kl_to_target, marker=".", label=cell.replace("_curve", ""))
+    ax.set_xlabel("eval reward (EMA policy)"), ax.set_ylabel("KL(occupancy || target)")
+    ax.set_title("reward vs mode KL along training (mean of seeds)", fontsize=9), ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return df
 
 
 def diagnostics_table(runs: Path, cells: list[str], seeds: list[int]) -> pd.DataFrame:
@@ -157,6 +210,13 @@ def main() -> None:
     diag.groupby(["cell", "step"]).mean(numeric_only=True).drop(columns="seed").to_csv(
         args.out / "diagnostics.csv", float_format="%.4f")
     plot_diagnostics(diag[diag.cell.isin(["tmpo", "tmpo_p_uniform", "tmpo_logp_sum", "grpo_tree"])], args.out / "diagnostics.png")
+    if "frontier" in args.only:
+        curves = plot_frontier(args.runs, list(EXPERIMENTS["frontier"]), args.seeds, args.out / "frontier.png")
+        curves.to_csv(args.out / "frontier.csv", index=False, float_format="%.4f")
+    if "prefix" in args.only:
+        bp = base_prefix_agreement(args.seeds)
+        bp.groupby(["schedule", "rollout"])[["sibling_same_mode", "pair_same_mode"]].agg(["mean", "std"]).to_csv(
+            args.out / "prefix_base.csv", float_format="%.4f")
     if "finite_k" in args.only:
         plot_finite_k(table.drop_duplicates("cell"), args.out / "finite_k.png")
     show = ["experiment", "cell", "reward", "reward_std", "modes_covered", "modes_covered_std", "kl_to_target", "kl_to_target_std"]

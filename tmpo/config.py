@@ -24,7 +24,8 @@ class RewardGroupConfig:
 
     fn: Any = MISSING
     prompts: Any = MISSING
-    metrics: list[Any] = field(default_factory=list)
+    metrics: list[Any] = field(default_factory=list)  # on the task's test prompts
+    suites: dict[str, Any] = field(default_factory=dict)  # name -> {prompts, metrics, max_prompts?, samples_per_prompt?}
 
 
 @dataclass

@@ -1,8 +1,13 @@
-"""Evaluation: ODE samples at the eval horizon on held-out prompts, reward and metrics."""
+"""Evaluation: ODE samples at the eval horizon on held-out prompts, the task reward and metrics.
+
+The paper evaluates the task metric on the task's test prompts and preference/diversity metrics on
+a separate prompt set (DrawBench); each such set is an :class:`EvalSuite`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,15 +18,32 @@ from tmpo.samplers.sampler import sample_ode
 Metric = Callable[..., dict[str, float]]
 
 
+@dataclass
+class EvalSuite:
+    """A prompt set and the metrics computed on its samples.
+
+    Metrics are ``metric(samples, latents, prompts, metadata, group_size) -> dict`` with samples
+    ordered by prompt, ``group_size`` per prompt.
+    """
+
+    name: str
+    prompts: PromptSource
+    metrics: Sequence[Metric] = field(default_factory=list)
+    max_prompts: int | None = None
+    samples_per_prompt: int | None = None  # None: the evaluator's default
+
+
 class Evaluator:
-    """Samples ``samples_per_prompt`` images per test prompt with ``num_steps`` ODE steps and scores them.
+    """Samples each suite's test prompts with ``num_steps`` ODE steps and scores them.
 
     Args:
-        prompts: the prompt source; its ``test()`` split is used (never the training prompts).
-        max_prompts: evaluate on at most this many test prompts (``None`` = all).
+        prompts: the task's prompt source; its ``test()`` split is used (never training prompts).
+        reward: the training reward, reported as ``reward`` on the task prompts.
+        metrics: metrics on the task prompts.
+        suites: further prompt sets with their own metrics (e.g. DrawBench-style preference/diversity).
+        max_prompts: at most this many task test prompts (``None`` = all).
         samples_per_prompt: 10 in the paper.
         num_steps: eval horizon (28 in the paper).
-        metrics: callables ``metric(samples, latents, prompts, metadata) -> dict``.
         seed: fixed noise so evaluations at different steps are comparable.
     """
 
@@ -30,29 +52,46 @@ class Evaluator:
         prompts: PromptSource,
         reward: Callable,
         metrics: Sequence[Metric] = (),
+        suites: Sequence[EvalSuite] = (),
         max_prompts: int | None = None,
         samples_per_prompt: int = 10,
         num_steps: int = 28,
         seed: int = 1234,
         progress: bool = False,
     ) -> None:
-        self.prompts, self.reward, self.metrics = prompts, reward, list(metrics)
-        self.max_prompts, self.samples_per_prompt = max_prompts, samples_per_prompt
-        self.num_steps, self.seed, self.progress = num_steps, seed, progress
+        self.reward = reward
+        self.suites = [EvalSuite("task", prompts, list(metrics), max_prompts), *suites]
+        self.samples_per_prompt, self.num_steps, self.seed, self.progress = samples_per_prompt, num_steps, seed, progress
 
-    def __call__(self, policy: FlowPolicy) -> dict[str, float]:
-        test = self.prompts.test()[: self.max_prompts]
+    def _run_suite(self, policy: FlowPolicy, suite: EvalSuite, with_reward: bool) -> dict[str, float]:
+        test = suite.prompts.test()[: suite.max_prompts]
         if not test:
-            raise ValueError("the prompt source has no test prompts to evaluate on")
+            raise ValueError(f"eval suite {suite.name!r}: the prompt source has no test prompts")
+        n = suite.samples_per_prompt or self.samples_per_prompt
         texts = [t for t, _ in test]
         gen = torch.Generator().manual_seed(self.seed)
-        latents = sample_ode(policy, texts, self.samples_per_prompt, self.num_steps, gen, progress=self.progress)
+        latents = sample_ode(policy, texts, n, self.num_steps, gen, progress=self.progress)
         with torch.no_grad():
             samples = policy.decode(latents)
-        rep_texts = [t for t in texts for _ in range(self.samples_per_prompt)]
-        rep_meta = [m for _, m in test for _ in range(self.samples_per_prompt)]
-        rewards, _ = self.reward(samples, rep_texts, rep_meta)
-        out = {"reward": float(rewards.float().mean())}
-        for metric in self.metrics:
-            out.update(metric(samples, latents, rep_texts, rep_meta))
+        rep_texts = [t for t in texts for _ in range(n)]
+        rep_meta = [m for _, m in test for _ in range(n)]
+        out: dict[str, float] = {}
+        if with_reward:
+            rewards, _ = self.reward(samples, rep_texts, rep_meta)
+            out["reward"] = float(torch.as_tensor(rewards).float().mean())
+        for metric in suite.metrics:
+            for k, v in metric(samples, latents, rep_texts, rep_meta, n).items():
+                if k in out:
+                    raise ValueError(f"eval metric name {k!r} is produced twice; rename one of the metrics")
+                out[k] = v
+        return out
+
+    def __call__(self, policy: FlowPolicy) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, suite in enumerate(self.suites):
+            res = self._run_suite(policy, suite, with_reward=i == 0)
+            clash = set(res) & set(out)
+            if clash:
+                raise ValueError(f"eval suite {suite.name!r} repeats metric names {sorted(clash)}")
+            out.update(res)
         return out

@@ -117,7 +117,8 @@ class Trainer:
         metrics.update({f"train/{n}": v for n, v in self.objective.after_update(self.policy, stats, step).items()})
         metrics.update({f"train/{n}": float(v) for n, v in prepared.stats.items()})
         adv = prepared.leaf_adv if prepared.leaf_adv is not None else torch.full_like(rewards, float("nan"))
-        diag = group_diagnostics(rewards.view(g, k), rollout.trajectory_log_prob_old().view(g, k), adv.view(g, k))
+        log_p_traj = rollout.trajectory_log_prob_old() * self.objective.log_prob_scale(rollout.latent_dim)
+        diag = group_diagnostics(rewards.view(g, k), log_p_traj.view(g, k), adv.view(g, k))
         metrics.update({f"diag/{n}": v for n, v in diag.items()})
         metrics.update({
             "train/reward_mean": float(rewards.mean()),

@@ -55,3 +55,28 @@ class ListPrompts(PromptSource):
 
     def test(self) -> list[tuple[str, dict]]:
         return list(self._test)
+
+
+class WorldPrompts(PromptSource):
+    """The mini world's committed prompt splits (``tmpo/world/prompts/<protocol>_{train,test}.jsonl``).
+
+    Each prompt's metadata (GenEval clauses, OCR text) travels with it to the reward.
+    """
+
+    def __init__(self, protocol: str) -> None:
+        from tmpo.world import load_prompts
+
+        self.protocol = protocol
+        self._train = [self._item(r) for r in load_prompts(protocol, "train")]
+        self._test = [self._item(r) for r in load_prompts(protocol, "test")]
+
+    @staticmethod
+    def _item(record: dict) -> tuple[str, dict]:
+        return record["prompt"], dict(record)
+
+    def train(self, n: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
+        idx = rng.integers(0, len(self._train), size=n)
+        return [self._train[i] for i in idx]
+
+    def test(self) -> list[tuple[str, dict]]:
+        return list(self._test)

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tmpo.config import ConfigError, register_configs, to_container, validate_targets
-from tmpo.evaluation import Evaluator
+from tmpo.evaluation import EvalSuite, Evaluator
 from tmpo.logger import RunLogger
 from tmpo.loop import Trainer, TrainerConfig
 
@@ -45,7 +45,11 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     reward = instantiate(cfg.reward.fn)
     prompts = instantiate(cfg.reward.prompts)
     metrics = [instantiate(m) for m in cfg.reward.metrics]
-    evaluator = Evaluator(prompts, reward, metrics, progress=trainer_cfg.progress, **to_container(cfg.eval))
+    suites = [
+        EvalSuite(name, instantiate(s.prompts), [instantiate(m) for m in s.metrics], s.get("max_prompts"), s.get("samples_per_prompt"))
+        for name, s in cfg.reward.suites.items()
+    ]
+    evaluator = Evaluator(prompts, reward, metrics, suites, progress=trainer_cfg.progress, **to_container(cfg.eval))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

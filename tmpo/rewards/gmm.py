@@ -49,7 +49,9 @@ class ModeCoverage:
         self.beta = beta
         self.min_share = min_share
 
-    def __call__(self, samples: Tensor, latents: Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, float]:
+    def __call__(
+        self, samples: Tensor, latents: Tensor, prompts: list[str], metadata: list[dict], group_size: int = 1
+    ) -> dict[str, float]:
         n_modes = len(self.world.modes)
         assign = self.world.assign(samples)
         occ = mode_occupancy(assign, n_modes)
