@@ -198,7 +198,7 @@ class Trainer:
             self.logger.log({f"base/{k}": v for k, v in self.base_metrics.items()}, step=0)
         last: dict[str, float] = {}
         times: list[float] = []
-        bar = tqdm(range(self.step, self.cfg.total_steps), desc="train", disable=not self.cfg.progress, initial=self.step,
+        bar = tqdm(range(self.step, self.cfg.total_steps), desc="train", disable=not self.cfg.progress, initial=self.step, mininterval=1.0,
                    total=self.cfg.total_steps)
         for step in bar:
             last = self.train_step(step)
@@ -207,7 +207,7 @@ class Trainer:
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.total_steps:
                 last.update({f"eval/{k}": v for k, v in self.evaluate().items()})
             self.logger.log(last, step=self.step)
-            bar.set_postfix(reward=f"{last['train/reward_mean']:.3f}")
+            bar.set_postfix(reward=f"{last['train/reward_mean']:.3f}", refresh=False)
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save()
         final = self.evaluate()
