@@ -74,7 +74,7 @@ class Evaluator:
         with torch.no_grad():
             samples = policy.decode(latents)
         rep_texts = [t for t in texts for _ in range(n)]
-        rep_meta = [m for _, m in test for _ in range(n)]
+        rep_meta = [{**m, "group": g} for g, (_, m) in enumerate(test) for _ in range(n)]
         out: dict[str, float] = {}
         if with_reward:
             rewards, _ = self.reward(samples, rep_texts, rep_meta)

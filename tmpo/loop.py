@@ -142,7 +142,7 @@ class Trainer:
             samples = self.policy.decode(rollout.leaves)
         k = rollout.group_size
         texts = [t for t in rollout.prompts for _ in range(k)]
-        meta = [m for m in rollout.metadata for _ in range(k)]
+        meta = [{**m, "group": g} for g, m in enumerate(rollout.metadata) for _ in range(k)]
         rewards, info = self.reward(samples, texts, meta)
         rewards = torch.as_tensor(rewards, dtype=torch.float32)
         if rewards.shape != (rollout.leaves.shape[0],):
