@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: install  ## the default job: TMPO on the default model/reward
-	$(PY) -m tmpo.run
+run: install  ## the default job: TMPO with the GenEval reward on the mini model (a few minutes on CPU)
+	$(PY) -m tmpo.run method=tmpo reward=geneval
 
 test: install  ## the default test suite (slow tests excluded)
 	$(PY) -m pytest -q

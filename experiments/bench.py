@@ -54,7 +54,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for name, overrides in CELLS.items():
-        rows.append({"method": name, **bench([f"model={args.model}", *overrides], args.steps)})
+        reward = {"toy": "gmm_modes"}.get(args.model, "geneval")
+        rows.append({"method": name, **bench([f"model={args.model}", f"reward={reward}", *overrides], args.steps)})
         print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     df["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -32,6 +32,7 @@ from tmpo.samplers import DynamicTreePlan, FlowSampler, IndependentPlan  # noqa:
 from tmpo.toyworld import ToyMixture  # noqa: E402
 
 INDEP = "sampler=tree_independent"
+TOY = ["model=toy", "reward=gmm_modes"]
 EXPERIMENTS: dict[str, dict[str, list[str]]] = {
     "policy_term": {
         "tmpo": ["method=tmpo"],
@@ -99,7 +100,7 @@ def base_prefix_agreement(seeds: list[int]) -> pd.DataFrame:
     rows = []
     for progress_step, label in ((0, "early (p=0)"), (300, "late (p=1)")):
         for seed in seeds:
-            cfg = compose_config(["run_dir=/tmp/tmpo_base_prefix", "logger=none", "trainer.progress=false"])
+            cfg = compose_config(["run_dir=/tmp/tmpo_base_prefix", "logger=none", "trainer.progress=false", *TOY])
             trainer = build_trainer(cfg)
             trainer.cfg.total_steps = 300
             for tree in (True, False):
@@ -197,7 +198,7 @@ def main() -> None:
         if cell in ("tmpo", "tmpo_indep_K27", "grpo_tree", "grpo_indep_K27"):
             agreement.append({"cell": cell, "seed": seed, **sibling_agreement(trainer, tree="indep" not in cell)})
 
-    df = run_grid(cells, args.seeds, args.runs, on_run=on_run)
+    df = run_grid({c: [*TOY, *ov] for c, ov in cells.items()}, args.seeds, args.runs, on_run=on_run)
     df[["cell", "seed"] + METRICS].to_csv(args.out / "per_seed.csv", index=False, float_format="%.4f")
     table = mean_std_table(df, METRICS)
     if agreement:

@@ -25,6 +25,7 @@ from experiments.grid import mean_std_table, run_grid  # noqa: E402
 from tmpo.samplers import sample_ode  # noqa: E402
 from tmpo.toyworld import ToyMixture  # noqa: E402
 
+TOY = ["model=toy", "reward=gmm_modes"]
 METHODS = ["tmpo", "grpo", "flow_grpo", "mixgrpo", "treegrpo", "gardo"]
 LABELS = {
     "base": "pre-trained", "tmpo": "TMPO", "grpo": "GRPO (tree)", "flow_grpo": "Flow-GRPO", "mixgrpo": "MixGRPO",
@@ -89,7 +90,7 @@ def main() -> None:
         if seed == args.seeds[0]:
             samples[cell] = draw_samples(trainer)
 
-    cells = {m: [f"method={m}", *args.extra] for m in args.methods}
+    cells = {m: [*TOY, f"method={m}", *args.extra] for m in args.methods}
     df = run_grid(cells, args.seeds, args.runs, on_run=keep)
     # the pre-trained model's eval (identical for every run of a seed) as its own row
     base = df[df.cell == args.methods[0]][["seed"] + [f"base/{m}" for m in METRICS]].copy()
@@ -113,7 +114,7 @@ def _base_trainer(args):
     """An untrained policy with EMA = its own weights, for the 'before' panel."""
     from tmpo.run import build_trainer, compose_config
 
-    cfg = compose_config([f"run_dir={args.runs / 'base'}", "logger=none", "trainer.progress=false", *args.extra])
+    cfg = compose_config([f"run_dir={args.runs / 'base'}", "logger=none", "trainer.progress=false", *TOY, *args.extra])
     return build_trainer(cfg)
 
 

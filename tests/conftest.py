@@ -21,7 +21,10 @@ def compose_run(overrides: list[str], run_dir: Path):
     """Compose the real run config as ``python -m tmpo.run <overrides>`` would, writing into ``run_dir``."""
     from tmpo.run import compose_config
 
-    return compose_config([f"run_dir={run_dir}", "logger=none", "trainer.progress=false", *overrides])
+    return compose_config([f"run_dir={run_dir}", "logger=none", "trainer.progress=false", *TOY, *overrides])
+
+
+TOY = ["model=toy", "reward=gmm_modes"]  # the default model is mini; unit tests of the loop run the toy
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """End-to-end runs of the shared loop on the toy, resume, checkpoints, logging and config errors."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,21 @@ def test_wandb_offline_logging_writes_its_run_and_our_files(tmp_path):
     cfg = compose_run(["trainer.total_steps=1", "trainer.prompts_per_step=1", "eval.samples_per_prompt=50", "logger=wandb"], tmp_path)
     train(cfg)
     assert (tmp_path / "wandb").is_dir() and (tmp_path / "summary.json").exists()
+
+
+def test_mini_pipeline_end_to_end_on_a_tiny_random_model(tmp_path):
+    """prompt -> flow model -> images -> GenEval detector -> RL update -> eval (task + DrawBench suite)."""
+    from tmpo.run import compose_config
+
+    cfg = compose_config([
+        f"run_dir={tmp_path}", "logger=none", "trainer.progress=false", "model=mini", "reward=geneval",
+        "model.random_init=true", "+model.model_config={width: 32, depth: 1, heads: 2, text_layers: 1}",
+        "trainer.total_steps=2", "trainer.prompts_per_step=1", "trainer.threads=1", "trainer.ema_every=1",
+        "eval.max_prompts=2", "eval.samples_per_prompt=3", "eval.num_steps=4", "reward.suites.drawbench.max_prompts=2",
+    ])
+    summary = train(cfg)
+    for key in ("geneval", "geneval_official", "pickscore", "hpsv21", "imagereward", "lgmd", "cosdiv", "iter_time_s",
+                "base/geneval", "base/pickscore", "base/lgmd"):
+        assert key in summary and math.isfinite(summary[key]), key
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/group_size"] for r in rows if "train/loss" in r] == [27, 27]
