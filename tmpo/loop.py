@@ -198,8 +198,8 @@ class Trainer:
             self.logger.log({f"base/{k}": v for k, v in self.base_metrics.items()}, step=0)
         last: dict[str, float] = {}
         times: list[float] = []
-        bar = tqdm(range(self.step, self.cfg.total_steps), desc="train", disable=not self.cfg.progress, initial=self.step, mininterval=1.0,
-                   total=self.cfg.total_steps)
+        bar = tqdm(range(self.step, self.cfg.total_steps), desc="train", disable=not self.cfg.progress,
+                   initial=self.step, total=self.cfg.total_steps, mininterval=1.0)
         for step in bar:
             last = self.train_step(step)
             times.append(last["iter_time_s"])
