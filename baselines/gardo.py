@@ -91,7 +91,9 @@ class GARDOObjective(GRPOObjective):
     Args:
         features: extractor ``samples -> [N, D]`` for the diversity weights (DINOv2 in the TMPO paper,
             DINOv3 in GARDO's code; the toy uses the raw points).
-        kl_gate: ``"uncertainty"`` (KL only on flagged samples; needs ``reward_info["aux"]``) or
+        aux_rewards: auxiliary reward models scored on the samples for the uncertainty gate (GARDO:
+            aesthetic + ImageReward); if None, ``reward_info["aux"]`` from the reward is used.
+        kl_gate: ``"uncertainty"`` (KL only on flagged samples; needs auxiliary rewards) or
             ``"all"`` (plain KL on every sample, for rewards without auxiliary models such as the toy).
         uncertainty_sign: +1 as GARDO's code, -1 to flag samples the proxy over-rates.
         kl_thres: reset the reference when an iteration's KL exceeded this (3e-4 in GARDO; per task).
@@ -101,6 +103,7 @@ class GARDOObjective(GRPOObjective):
     def __init__(
         self,
         features: Callable[[Tensor], Tensor],
+        aux_rewards: dict[str, Callable] | None = None,
         kl_gate: str = "uncertainty",
         uncertainty_sign: float = 1.0,
         kl_thres: float = 3e-4,
@@ -111,6 +114,7 @@ class GARDOObjective(GRPOObjective):
         if kl_gate not in ("uncertainty", "all"):
             raise ValueError(f"kl_gate must be 'uncertainty' or 'all', got {kl_gate!r}")
         self.features, self.kl_gate, self.uncertainty_sign = features, kl_gate, uncertainty_sign
+        self.aux_rewards = dict(aux_rewards or {})
         self.kl_thres, self.reset_every = kl_thres, reset_every
         self.compensator = RiskCompensator()
         self.since_reset = 0
@@ -126,13 +130,19 @@ class GARDOObjective(GRPOObjective):
         stats: dict[str, Tensor] = {}
         kl_w = None
         if self.kl_gate == "uncertainty":
-            aux = list((reward_info or {}).get("aux", {}).values())
+            aux = self._aux_scores(rollout, samples) or list((reward_info or {}).get("aux", {}).values())
             u = uncertainty(rewards, aux, self.uncertainty_sign)
             b = self.compensator.update(u)
             flags = gate_flags(u, b)
             kl_w = flags.to(rewards.dtype)
             stats = {"gardo_b": torch.tensor(b), "gardo_flagged": flags.float().mean()}
         return Prepared(leaf_adv=adv.reshape(-1), kl_leaf_weight=kl_w, stats=stats)
+
+    def _aux_scores(self, rollout: Rollout, samples: Tensor) -> list[Tensor]:
+        k = rollout.group_size
+        prompts = [p for p in rollout.prompts for _ in range(k)]
+        meta = [m for m in rollout.metadata for _ in range(k)]
+        return [torch.as_tensor(fn(samples, prompts, meta)[0]).float() for fn in self.aux_rewards.values()]
 
     def after_update(self, policy, stats: dict[str, float], step: int) -> dict[str, float]:
         self.since_reset += 1

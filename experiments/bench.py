@@ -50,12 +50,13 @@ def main() -> None:
     ap.add_argument("--model", default="toy")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("results/bench"))
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     rows = []
     for name, overrides in CELLS.items():
         reward = {"toy": "gmm_modes"}.get(args.model, "geneval")
-        rows.append({"method": name, **bench([f"model={args.model}", f"reward={reward}", *overrides], args.steps)})
+        rows.append({"method": name, **bench([f"model={args.model}", f"reward={reward}", f"trainer.threads={args.threads}", *overrides], args.steps)})
         print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     df["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
