@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from baselines.mixgrpo import window_start
+from tmpo.objectives.advantages import sibling_log_softmax
 from tmpo.objectives.base import Prepared
 from tmpo.objectives.grpo import GRPOObjective
 from tmpo.samplers.plans import Plan, RolloutPlan, StepPlan
@@ -48,12 +49,8 @@ def sibling_log_weights(edge_parent: Tensor, log_prob_old: Tensor, weighting: st
     """``log w_e`` with ``w`` normalised over siblings (edges sharing a parent state), ``[E]``."""
     if weighting not in ("logp", "uniform"):
         raise ValueError(f"weighting must be 'logp' or 'uniform', got {weighting!r}")
-    scores = log_prob_old.double() if weighting == "logp" else torch.zeros_like(log_prob_old, dtype=torch.float64)
-    n_parents = int(edge_parent.max()) + 1
-    m = torch.full((n_parents,), -torch.inf, dtype=torch.float64).scatter_reduce(0, edge_parent, scores, reduce="amax")
-    e = torch.exp(scores - m[edge_parent])
-    z = torch.zeros(n_parents, dtype=torch.float64).index_add_(0, edge_parent, e)
-    return torch.log(e / z[edge_parent])
+    scores = log_prob_old if weighting == "logp" else torch.zeros_like(log_prob_old)
+    return sibling_log_softmax(scores, edge_parent)
 
 
 def propagate_tree_advantages(path: Tensor, edge_step: Tensor, log_w: Tensor, leaf_adv: Tensor) -> Tensor:

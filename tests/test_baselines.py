@@ -14,7 +14,8 @@ from baselines.mixgrpo import SlidingWindowPlan, sliding_window
 from baselines.treegrpo import TreeWindowPlan, propagate_tree_advantages, sibling_log_weights
 from conftest import compose_run
 from tmpo.metrics.features import FlattenFeatures
-from tmpo.objectives.stepwise_balance import sibling_log_softmax, subtree_log_flow
+from tmpo.objectives.advantages import sibling_log_softmax
+from tmpo.objectives.stepwise_balance import subtree_log_flow
 from tmpo.run import train
 from tmpo.sde import gaussian_kl_equal_std
 

@@ -48,3 +48,12 @@ def linear_warmup(step: int, start: float, end: float, warmup_steps: int) -> flo
         return float(end)
     frac = min(max(step / warmup_steps, 0.0), 1.0)
     return float(start + (end - start) * frac)
+
+
+def sibling_log_softmax(scores: Tensor, parent: Tensor) -> Tensor:
+    """``log softmax`` of ``scores`` within each group of tree edges sharing a parent state, ``[E]`` float64."""
+    s = scores.double()
+    n = int(parent.max()) + 1
+    m = torch.full((n,), -torch.inf, dtype=torch.float64).scatter_reduce(0, parent, s, reduce="amax")
+    z = torch.zeros(n, dtype=torch.float64).index_add_(0, parent, torch.exp(s - m[parent]))
+    return s - m[parent] - torch.log(z[parent])

@@ -14,19 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tmpo.objectives.advantages import linear_warmup
+from tmpo.objectives.advantages import linear_warmup, sibling_log_softmax
 from tmpo.objectives.base import Prepared
 from tmpo.objectives.grpo import GRPOObjective
 from tmpo.samplers.rollout import Rollout
-
-
-def sibling_log_softmax(scores: Tensor, parent: Tensor) -> Tensor:
-    """``log softmax`` of ``scores`` within each group of edges sharing a parent, ``[E]``."""
-    s = scores.double()
-    n = int(parent.max()) + 1
-    m = torch.full((n,), -torch.inf, dtype=torch.float64).scatter_reduce(0, parent, s, reduce="amax")
-    z = torch.zeros(n, dtype=torch.float64).index_add_(0, parent, torch.exp(s - m[parent]))
-    return s - m[parent] - torch.log(z[parent])
 
 
 def subtree_log_flow(path: Tensor, rewards: Tensor, beta: float) -> Tensor:
