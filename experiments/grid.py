@@ -24,8 +24,7 @@ def run_cell(overrides: Sequence[str], run_dir: Path) -> dict:
     if summary_path.exists():
         trainer.load(run_dir / "checkpoints" / "latest.pt")
         return {"summary": json.loads(summary_path.read_text()), "trainer": trainer}
-    summary = trainer.run(resume=run_dir if (run_dir / "checkpoints" / "latest.pt").exists() else None)
-    summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary = trainer.run(resume=run_dir if (run_dir / "checkpoints" / "latest.pt").exists() else None)  # writes summary.json
     return {"summary": summary, "trainer": trainer}
 
 

@@ -66,7 +66,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.logger.finish()
     labels = {"method": cfg.method, "ablation": cfg.ablation, "model": cfg.model._target_, "seed": cfg.trainer.seed, **cfg.tags}
     summary_path = Path(cfg.run_dir) / "summary.json"
-    full = {**json.loads(summary_path.read_text()), **{k: v for k, v in labels.items()}}
+    full = {**json.loads(summary_path.read_text()), **labels}
     summary_path.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
     return summary
 

@@ -155,7 +155,6 @@ def recompute_means(policy: FlowPolicy, rollout: Rollout, parent_ids: Tensor) ->
     sig, sig_next = rollout.parent_sigma[model_ids], rollout.parent_sigma_next[model_ids]
     v = policy.velocity(x, sig, rollout.cond, rollout.parent_group[model_ids])
     mean, _ = sde_mean_std(x, v, sig, sig_next, rollout.eta, rollout.noise)
-    out = out.clone()
     out[~prior] = mean
     return out
 
