@@ -70,26 +70,35 @@ METRICS = ["reward", "modes_covered", "kl_to_target", "fwd_kl_to_target", "occ_A
 DIAG = ["diag/p_entropy_frac", "diag/logp_spread", "diag/corr_logp_reward", "diag/adv_var_from_log_q"]
 
 
-def sibling_agreement(trainer, tree: bool, n_prompts: int = 16, seed: int = 99, step: int | None = None) -> dict[str, float]:
-    """P(same mode) for leaves sharing their last parent (tree siblings) and for random same-group pairs."""
-    world = ToyMixture()
+def pair_masks(r) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, N]`` masks of leaf pairs in the same group and of siblings (same last parent; empty
+    for independent trajectories, whose last parents are all distinct)."""
+    n = r.leaves.shape[0]
+    same_group = (r.group[:, None] == r.group[None, :]) & ~torch.eye(n, dtype=torch.bool)
+    last = r.path.shape[1] - 1 - torch.argmax(r.path.flip(1), dim=1)  # each leaf's last stored edge
+    last_parent = r.edge_parent[last]
+    return same_group, (last_parent[:, None] == last_parent[None, :]) & same_group
+
+
+def science_rollout(trainer, tree: bool, prompts: list[str], metadata: list[dict], seed: int, step: int | None = None):
+    """Rollout of the trained (EMA) policy with TMPO's tree or with 27 independent trajectories."""
     plan = DynamicTreePlan() if tree else IndependentPlan(group_size=27, sde_steps="branch_schedule", tree=DynamicTreePlan())
     sampler = FlowSampler(plan, trainer.sampler.num_steps, trainer.sampler.eta, trainer.sampler.noise)
     with trainer.ema.applied():
         at = trainer.cfg.total_steps if step is None else step
-        r = sampler.rollout(trainer.policy, ["toy"] * n_prompts, [{}] * n_prompts, at, trainer.cfg.total_steps,
-                            torch.Generator().manual_seed(seed))
-    mode = world.assign(r.leaves)
-    k = r.group_size
-    same_group = (r.group[:, None] == r.group[None, :]) & ~torch.eye(len(mode), dtype=torch.bool)
+        return sampler.rollout(trainer.policy, prompts, metadata, at, trainer.cfg.total_steps,
+                               torch.Generator().manual_seed(seed))
+
+
+def sibling_agreement(trainer, tree: bool, n_prompts: int = 16, seed: int = 99, step: int | None = None) -> dict[str, float]:
+    """P(same mode) for leaves sharing their last parent (tree siblings) and for random same-group pairs."""
+    r = science_rollout(trainer, tree, ["toy"] * n_prompts, [{}] * n_prompts, seed, step)
+    mode = ToyMixture().assign(r.leaves)
+    same_group, siblings = pair_masks(r)
     same_mode = (mode[:, None] == mode[None, :]) & (mode[:, None] >= 0)
-    out = {"pair_same_mode": float(same_mode[same_group].float().mean())}
+    out = {"pair_same_mode": float(same_mode[same_group].float().mean()), "k": float(r.group_size)}
     if tree:
-        last = r.path.shape[1] - 1 - torch.argmax(r.path.flip(1), dim=1)  # each leaf's last stored edge
-        last_parent = r.edge_parent[last]
-        sib = (last_parent[:, None] == last_parent[None, :]) & same_group
-        out["sibling_same_mode"] = float(same_mode[sib].float().mean())
-    out["k"] = float(k)
+        out["sibling_same_mode"] = float(same_mode[siblings].float().mean())
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 
 from tmpo.policies import mini, mini_pretrain
 from tmpo.policies.mini import MiniConfig, MiniPolicy, shifted_sigmas
-from tmpo.policies.mini_text import WordTokenizer
+from tmpo.policies.mini_text import text_tokenizer
 from tmpo.world import ALL_TAGS, sample_random_prompt
 
 TINY = {"width": 32, "depth": 1, "heads": 2}
@@ -47,7 +47,7 @@ def perturb_lora(policy: MiniPolicy, scale: float = 0.5) -> None:
 
 
 def test_tokenizer_round_trip_all_tags():
-    tok = WordTokenizer()
+    tok = text_tokenizer()
     rng = np.random.default_rng(0)
     for tag in ALL_TAGS:
         for _ in range(40):
@@ -56,8 +56,10 @@ def test_tokenizer_round_trip_all_tags():
 
 
 def test_tokenizer_splits_sign_text_into_characters():
-    tok = WordTokenizer()
-    assert tok.tokenize('a sign that reads "K7Q"') == ["a", "sign", "that", "reads", '"', "char:K", "char:7", "char:Q", '"']
+    tok = text_tokenizer()
+    assert tok.tokenize('a sign that reads "K7Q"') == ["a", "sign", "that", "reads", "<q>", "<c:K>", "<c:7>", "<c:Q>", "</q>"]
+    # Both quote marks share one embedding row in the denoiser's layout.
+    assert tok.encode('"K"')[1] == tok.encode('"K"')[3] == tok.index["<q>"]
     assert tok.encode("") == [tok.index["<bos>"]]  # the caption-dropout / CFG null prompt
     ids, mask = tok(["a photo of a circle", 'a sign that reads "AB"'])
     assert ids.shape == mask.shape == (2, 9) and mask.sum(1).tolist() == [6, 9]
@@ -65,9 +67,9 @@ def test_tokenizer_splits_sign_text_into_characters():
 
 def test_tokenizer_unknown_word_is_named():
     with pytest.raises(ValueError, match="'dog'"):
-        WordTokenizer().encode("a photo of a dog")
+        text_tokenizer().encode("a photo of a dog")
     with pytest.raises(ValueError, match="sign alphabet"):
-        WordTokenizer().encode('a sign that reads "k7"')
+        text_tokenizer().encode('a sign that reads "k7"')
 
 
 # --- shapes, schedule, decode -----------------------------------------------------------------
@@ -179,7 +181,7 @@ def test_checkpoint_round_trip(tmp_path, arch):
     policy = MiniPolicy(checkpoint=str(path), arch=arch, lora=None)
     assert policy.card == {"note": "test"}
     prompts = ["a photo of a blue diamond", "a photo of a circle below a square"]
-    ids, mask = WordTokenizer()(prompts)
+    ids, mask = text_tokenizer()(prompts)
     x, s = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8])
     with torch.no_grad():
         want = bundle(x, s, ids, mask)
@@ -228,6 +230,35 @@ def test_pretrain_resumes(tmp_path):
     assert any(not torch.equal(weights_after_3[k], new[k]) for k in new)
     with pytest.raises(ValueError, match="different|not"):
         mini_pretrain.main([*flags[:-6], "--width", "48", "--depth", "1", "--heads", "2", "--text-layers", "1", "--steps", "6"])
+
+
+def test_pretrain_warm_start_from_published_checkpoint(tmp_path):
+    base = tmp_path / "base.pt"
+    flags = ["--batch", "4", "--buffer", "8", "--fresh", "2", "--no-eval", "--log-every", "1", *TINY_FLAGS]
+    mini_pretrain.main(["--out", str(base), *flags, "--steps", "3"])
+    published = torch.load(base, weights_only=True)
+    # Zero steps: the warm-started model publishes exactly the weights it was initialised from.
+    copy_out = tmp_path / "copy.pt"
+    mini_pretrain.main(["--out", str(copy_out), "--init", str(base), *flags, "--steps", "0"])
+    copied = torch.load(copy_out, weights_only=True)
+    for part in ("denoiser", "text_encoder"):
+        assert all(torch.equal(published[part][k], copied[part][k]) for k in published[part])
+    # Two steps on top: a fresh optimizer (Adam step count 2), the card traces the total training.
+    out = tmp_path / "continued.pt"
+    summary = mini_pretrain.main(["--out", str(out), "--init", str(base), *flags, "--steps", "2", "--seed", "1"])
+    assert summary["step"] == 2 and summary["resumed_from"] is None
+    state = torch.load(mini_pretrain.train_state_path(out), weights_only=False)
+    assert {float(v["step"]) for v in state["optimizer"]["state"].values()} == {2.0}
+    card = json.loads(mini_pretrain.card_path(out).read_text())
+    assert card["init"]["steps"] == 3 and card["steps_total"] == 5 and card["steps"] == 2
+    # A resume of the continued run keeps the init record (the train state carries it).
+    mini_pretrain.main(["--out", str(out), "--init", str(base), *flags, "--steps", "3", "--seed", "1"])
+    assert json.loads(mini_pretrain.card_path(out).read_text())["steps_total"] == 6
+    with pytest.raises(ValueError, match="matching architecture"):
+        mini_pretrain.main(["--out", str(tmp_path / "x.pt"), "--init", str(base), *flags[:-8],
+                            "--width", "48", "--depth", "1", "--heads", "2", "--text-layers", "1", "--steps", "1"])
+    with pytest.raises(FileNotFoundError, match="--init"):
+        mini_pretrain.main(["--out", str(tmp_path / "y.pt"), "--init", str(tmp_path / "missing.pt"), *flags, "--steps", "1"])
 
 
 def test_pretrain_sigterm_checkpoints_and_resumes(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from tmpo.rewards.preference import (
     MiniCLIP,
     MiniCLIPConfig,
     PreferenceReward,
+    caption_tokenizer,
     checkpoint_state,
     default_checkpoint,
     load_miniclip,
@@ -24,7 +25,7 @@ torch.set_num_threads(1)
 
 def tiny_model(seed: int = 0) -> tuple[MiniCLIP, CaptionTokenizer]:
     torch.manual_seed(seed)
-    tok = CaptionTokenizer()
+    tok = caption_tokenizer()
     cfg = MiniCLIPConfig(vocab_size=len(tok), width=4, embed_dim=16, text_width=16, text_layers=1, text_heads=2)
     return MiniCLIP(cfg).eval(), tok
 
@@ -46,7 +47,7 @@ PROMPTS = [
 def test_tokenizer_round_trip():
     from tmpo.world.captions import preference
 
-    tok = CaptionTokenizer()
+    tok = caption_tokenizer()
     three = preference([("circle", "red", 1), ("square", "blue", 2), ("cross", "green", 1)], "pale blue")["prompt"]
     assert "," in three
     for text in PROMPTS + [three]:
@@ -61,7 +62,7 @@ def test_tokenizer_round_trip():
 
 
 def test_tokenizer_rejects_unknown():
-    tok = CaptionTokenizer()
+    tok = caption_tokenizer()
     with pytest.raises(ValueError, match="orange"):
         tok.encode("a photo of an orange circle")
     with pytest.raises(ValueError, match="!"):
@@ -69,13 +70,30 @@ def test_tokenizer_rejects_unknown():
     with pytest.raises(ValueError, match="quote"):
         tok.encode('a sign that reads "K7Q')
     with pytest.raises(ValueError, match="at most"):
-        CaptionTokenizer(max_len=4).encode("a photo of a red circle")
+        caption_tokenizer(max_len=4).encode("a photo of a red circle")
+
+
+def test_one_tokenizer_two_layouts():
+    """The denoiser and the preference models split captions identically; only their row order differs."""
+    from tmpo.policies.mini_text import text_tokenizer
+
+    dit, clip = text_tokenizer(), caption_tokenizer()
+    for text in PROMPTS:
+        assert dit.tokenize(text) == clip.tokenize(text)
+        assert [dit.vocab[i] for i in dit.encode(text)][1:] == [
+            "<q>" if t == "</q>" else t for t in (clip.vocab[i] for i in clip.encode(text))
+        ]
+    assert dit.encode("") == [dit.index["<bos>"]] and clip.encode("") == []
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        CaptionTokenizer(["<pad>", "a"], 8, aliases={"</q>": "<q>"})
+    with pytest.raises(ValueError, match="start with"):
+        CaptionTokenizer(["a", "<pad>"], 8)
 
 
 def test_hard_negatives_contradict_and_tokenize():
     from tmpo.rewards.train_preference import applicable_kinds, hard_negative, heldout_prompts, sample_caption
 
-    tok, rng = CaptionTokenizer(), np.random.default_rng(0)
+    tok, rng = caption_tokenizer(), np.random.default_rng(0)
     held_out = heldout_prompts()
     for _ in range(150):
         record = sample_caption(rng, held_out)

@@ -75,9 +75,13 @@ def test_recomputing_each_stored_edge_reproduces_its_log_prob(toy_policy, noise)
     r = roll(toy_policy, tree_plan((1, 3, 5), 3, 6), noise=noise, prompts=3)
     with torch.no_grad():
         all_parents = torch.arange(r.parent_x.shape[0])
-        ids, lp = edge_log_probs(r, all_parents, recompute_means(toy_policy, r, all_parents))
+        means = recompute_means(toy_policy, r, all_parents)
+        ids, lp = edge_log_probs(r, all_parents, means)
         assert torch.equal(ids, torch.arange(r.edge_x_next.shape[0]))
-        assert torch.equal(lp, r.edge_log_prob_old)
+        # Same inputs, different batch composition than the rollout's per-step batches: the CPU
+        # kernels may round float32 differently (bitwise equal on some CPUs, ~1 ulp on others).
+        assert torch.allclose(means, r.parent_mean_old, atol=2e-6, rtol=0)
+        assert torch.allclose(lp, r.edge_log_prob_old, atol=1e-5, rtol=0)
         # one parent at a time: the same inputs (sigma, sigma_next, prompt) per edge; only float32
         # rounding of a different batch size remains (~1e-7 in the mean, amplified by 1/std^2)
         for p in all_parents.tolist():

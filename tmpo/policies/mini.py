@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tmpo.policies.base import FlowPolicy
-from tmpo.policies.mini_text import TextEncoder, WordTokenizer
+from tmpo.policies.mini_text import VOCAB, TextEncoder, text_tokenizer
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "mini"
 ARCHS = ("dit", "mmdit")
@@ -47,7 +47,7 @@ class MiniConfig:
     max_text_length: int = 24
     image_size: int = IMAGE_SIZE
     channels: int = 3
-    vocab_size: int = field(default_factory=lambda: WordTokenizer().vocab_size)
+    vocab_size: int = len(VOCAB)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -378,7 +378,7 @@ class MiniPolicy(FlowPolicy):
             except (TypeError, RuntimeError) as e:
                 raise ValueError(f"{path} does not match the mini {arch} architecture: {e}") from e
             self.card = dict(state.get("card") or {})
-        self.tokenizer = WordTokenizer(self.config.max_text_length)
+        self.tokenizer = text_tokenizer(self.config.max_text_length)
         self.text_encoder.requires_grad_(False).eval()
         self.setup_finetuning(_plain(lora))
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from tmpo.checkpoint import save_atomic
 from tmpo.policies.mini import ARCHS, MiniConfig, MiniPolicy, build_denoiser, build_text_encoder, config_dict, default_checkpoint
-from tmpo.policies.mini_text import WordTokenizer
+from tmpo.policies.mini_text import text_tokenizer
 from tmpo.world import ALL_TAGS, render, sample_random_scene
 
 EVAL_SHIFTS = (1.0, 2.0, 3.0, 4.0)
@@ -212,10 +212,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--no-eval", action="store_true", help="skip the final GenEval evaluation")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--init", type=Path, default=None,
+        help="warm start: load the weights of a published checkpoint (e.g. tmpo/assets/mini/dit.pt) into the model "
+        "and its EMA, with a fresh optimizer and schedule; ignored when <out>.train_state exists (that is a resume)",
+    )
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = default_checkpoint(args.arch)
     return args
+
+
+def warm_start(model: Bundle, ema: Bundle, path: Path, cfg: MiniConfig) -> dict:
+    """Load a published checkpoint's (EMA) weights into ``model`` and ``ema``; returns its card."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--init {path} does not exist; pass a checkpoint written by this script")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "denoiser" not in state or "config" not in state:
+        raise ValueError(f"--init {path} is not a published mini checkpoint (needs 'config' and 'denoiser' keys)")
+    if state["config"] != config_dict(cfg):
+        raise ValueError(
+            f"--init {path} has config {state['config']}, not {config_dict(cfg)}; pass matching architecture flags"
+        )
+    for target in (model, ema):
+        target.denoiser.load_state_dict(state["denoiser"])
+        target.text_encoder.load_state_dict(state["text_encoder"])
+    return dict(state.get("card") or {})
+
+
+def _total_steps(card: dict) -> int:
+    return int(card.get("steps_total", card.get("steps", 0)))
+
+
+def _total_minutes(card: dict) -> float:
+    return float(card.get("wall_time_min_total", card.get("wall_time_min", 0.0)))
 
 
 def lr_factor(step: int, elapsed: float, args: argparse.Namespace) -> float:
@@ -252,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(args.seed)
     step, elapsed, history, loss_avg = 0, 0.0, [], float("nan")
     resumed_from = None
+    init_card: dict | None = None
     if state_file.exists():
         st = torch.load(state_file, map_location="cpu", weights_only=False)
         if st["config"] != config_dict(cfg):
@@ -266,12 +297,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rng.bit_generator.state = st["numpy_rng"]
         gen.set_state(st["torch_rng"])
         resumed_from = step
+        init_card = st.get("init_card")
         log({"event": "resume", "step": step, "elapsed_min": elapsed / 60, "from": str(state_file)})
+    elif args.init is not None:
+        init_card = warm_start(model, ema, args.init, cfg)
+        log({"event": "init", "from": str(args.init), "init_steps": init_card.get("steps")})
     n_params = {"denoiser": sum(p.numel() for p in model.denoiser.parameters()),
                 "text_encoder": sum(p.numel() for p in model.text_encoder.parameters())}
     log({"event": "start", "config": config_dict(cfg), "params": n_params, "args": {k: str(v) for k, v in vars(args).items()}})
 
-    tokenizer = WordTokenizer(cfg.max_text_length)
+    tokenizer = text_tokenizer(cfg.max_text_length)
     t_fill = time.time()
     buffer = ReplayBuffer(args.buffer, rng)
     log({"event": "buffer_filled", "size": args.buffer, "seconds": round(time.time() - t_fill, 1)})
@@ -298,6 +333,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
             "loss_history": history[-200:],
         }
+        if init_card is not None:
+            # Warm-started: record where the weights came from, so the total training is traceable.
+            card["init"] = {k: init_card.get(k) for k in ("command", "seed", "steps", "wall_time_min", "final_loss_ema", "init")}
+            card["steps_total"] = step + _total_steps(init_card)
+            card["wall_time_min_total"] = round(elapsed / 60 + _total_minutes(init_card), 2)
         card.update(extra or {})
         return card
 
@@ -307,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "config": config_dict(cfg), "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed, "history": history,
                 "loss_avg": loss_avg, "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(),
+                "init_card": init_card,
             },
             state_file,
         )

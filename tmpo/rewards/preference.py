@@ -24,9 +24,10 @@ The three committed stand-ins (``pickscore``, ``hpsv21``, ``imagereward``) diffe
 hard-negative mix and a mild "aesthetic" bias learned from synthetic preference pairs (see
 :mod:`tmpo.rewards.train_preference` for the exact recipe and each card for measured effects).
 
-Captions are tokenised by :class:`CaptionTokenizer`: lower-case words and commas; a quoted string
-(the OCR prompts' ``a sign that reads "K7Q"``) becomes ``<q>``, one token per character, ``</q>``.
-Words outside the mini world's vocabulary raise a ValueError naming them.
+Captions are tokenised by the world's shared :class:`~tmpo.world.tokenizer.CaptionTokenizer` in the
+layout of :func:`world_vocabulary` (stored in each checkpoint): lower-case words and commas; a quoted
+string (the OCR prompts' ``a sign that reads "K7Q"``) becomes ``<q>``, one token per character,
+``</q>``. Words outside the mini world's vocabulary raise a ValueError naming them.
 
 Nothing heavy happens at import time; models are built or loaded in constructors.
 """
@@ -34,7 +35,6 @@ Nothing heavy happens at import time; models are built or loaded in constructors
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,13 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tmpo.world.tokenizer import PAD, QUOTE_CLOSE, QUOTE_OPEN, CaptionTokenizer, caption_words, sign_characters
+
 CHECKPOINT_KIND = "MiniCLIP"
 CHECKPOINT_VERSION = 1
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "preference"
 REWARD_NAMES: tuple[str, ...] = ("pickscore", "hpsv21", "imagereward")
 
-PAD, QUOTE_OPEN, QUOTE_CLOSE = "<pad>", "<q>", "</q>"
-_TOKEN_RE = re.compile(r'"([^"]*)"|([A-Za-z]+)|(,)|(\S)')
 
 
 def default_checkpoint(name: str) -> Path:
@@ -68,103 +68,16 @@ def train_command(name: str) -> str:
 
 
 def world_vocabulary() -> list[str]:
-    """Every token a mini-world caption can contain (fixed order; index 0 is ``<pad>``).
+    """The MiniCLIP vocabulary layout (index 0 is ``<pad>``): quote marks, sign characters, caption words.
 
-    Built from the world's vocabulary (shapes and their plurals, colours, backgrounds, relations,
-    number words, the font's characters) plus the caption templates' function words.
+    New checkpoints store this list; a loaded checkpoint uses the list it stores.
     """
-    from tmpo.world.captions import NUMBER_WORDS, RELATIONS, plural
-    from tmpo.world.font import ALPHABET
-    from tmpo.world.render import BACKGROUNDS, COLORS, SHAPES
-
-    words = ["a", "an", "photo", "of", "and", "on", "background", "sign", "that", "reads", ","]
-    words += list(SHAPES) + [plural(s) for s in SHAPES] + list(COLORS)
-    words += [w for name in BACKGROUNDS for w in name.split()]
-    words += [w for rel in RELATIONS for w in rel.split()]
-    words += list(NUMBER_WORDS.values())
-    tokens = [PAD, QUOTE_OPEN, QUOTE_CLOSE] + [f"<c:{c}>" for c in ALPHABET] + words
-    return list(dict.fromkeys(tokens))
+    return [PAD, QUOTE_OPEN, QUOTE_CLOSE, *sign_characters(), *caption_words()]
 
 
-class CaptionTokenizer:
-    """Word-level tokenizer for mini-world captions.
-
-    ``encode("a photo of a red circle")`` -> token ids. Words are lower-cased; a double-quoted
-    string is kept as characters (upper-cased, as the font only draws ``A-Z0-9``) between ``<q>``
-    and ``</q>``. Unknown words or characters raise ValueError.
-    """
-
-    def __init__(self, vocab: Sequence[str] | None = None, max_len: int = 24) -> None:
-        self.vocab = list(vocab) if vocab is not None else world_vocabulary()
-        if not self.vocab or self.vocab[0] != PAD:
-            raise ValueError(f"vocabulary must start with {PAD!r}")
-        if len(set(self.vocab)) != len(self.vocab):
-            raise ValueError("vocabulary has duplicate tokens")
-        self.index = {t: i for i, t in enumerate(self.vocab)}
-        self.max_len = int(max_len)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def tokenize(self, text: str) -> list[str]:
-        """Caption -> token strings (no padding)."""
-        tokens: list[str] = []
-        for quoted, word, comma, other in _TOKEN_RE.findall(text):
-            if word:
-                tokens.append(word.lower())
-            elif comma:
-                tokens.append(",")
-            elif other:
-                if other == '"':
-                    raise ValueError(f"unbalanced quote in caption {text!r}")
-                raise ValueError(f"caption {text!r} contains {other!r}, which the mini tokenizer does not know")
-            else:  # a quoted string (possibly empty)
-                tokens += [QUOTE_OPEN] + [f"<c:{c}>" for c in quoted.upper() if not c.isspace()] + [QUOTE_CLOSE]
-        unknown = [t for t in tokens if t not in self.index]
-        if unknown:
-            shown = [t[3:-1] if t.startswith("<c:") else t for t in unknown]
-            raise ValueError(
-                f"caption {text!r} has tokens outside the mini-world vocabulary: {sorted(set(shown))} "
-                "(the preference models only know mini-world captions)"
-            )
-        if len(tokens) > self.max_len:
-            raise ValueError(f"caption {text!r} has {len(tokens)} tokens; the model takes at most {self.max_len}")
-        return tokens
-
-    def encode(self, text: str) -> list[int]:
-        return [self.index[t] for t in self.tokenize(text)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Token ids -> caption (inverse of :meth:`encode` up to case and spacing around quotes)."""
-        out: list[str] = []
-        quoted: list[str] | None = None
-        for i in ids:
-            tok = self.vocab[int(i)]
-            if tok == PAD:
-                continue
-            if tok == QUOTE_OPEN:
-                quoted = []
-            elif tok == QUOTE_CLOSE:
-                out.append('"' + "".join(quoted or []) + '"')
-                quoted = None
-            elif tok.startswith("<c:"):
-                if quoted is None:
-                    raise ValueError(f"character token {tok} outside a quote")
-                quoted.append(tok[3:-1])
-            elif tok == "," and out:
-                out[-1] += ","
-            else:
-                out.append(tok)
-        return " ".join(out)
-
-    def __call__(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Batch -> ``ids [B, T]`` (long, 0-padded) and ``mask [B, T]`` (bool, True on tokens)."""
-        encoded = [self.encode(t) for t in texts]
-        length = max(1, max((len(e) for e in encoded), default=1))
-        ids = torch.zeros(len(encoded), length, dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, : len(e)] = torch.tensor(e, dtype=torch.long)
-        return ids, ids != 0
+def caption_tokenizer(vocab: Sequence[str] | None = None, max_len: int = 24) -> CaptionTokenizer:
+    """A MiniCLIP text tokenizer (no ``<bos>``; ``vocab`` defaults to :func:`world_vocabulary`)."""
+    return CaptionTokenizer(world_vocabulary() if vocab is None else vocab, max_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +221,7 @@ def load_miniclip(path: str | Path, name: str | None = None) -> tuple[MiniCLIP, 
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: MiniCLIP checkpoint version {state.get('version')} != {CHECKPOINT_VERSION}")
     config = MiniCLIPConfig(**state["config"])
-    tokenizer = CaptionTokenizer(state["vocab"], max_len=config.max_len)
+    tokenizer = caption_tokenizer(state["vocab"], max_len=config.max_len)
     if len(tokenizer) != config.vocab_size:
         raise ValueError(f"{path}: vocabulary has {len(tokenizer)} tokens but the model expects {config.vocab_size}")
     model = MiniCLIP(config)
@@ -361,7 +274,7 @@ class PreferenceReward:
             if checkpoint is not None:
                 raise ValueError("pass either checkpoint or model, not both")
             self.model = model.eval().requires_grad_(False)
-            self.tokenizer = tokenizer or CaptionTokenizer(max_len=model.config.max_len)
+            self.tokenizer = tokenizer or caption_tokenizer(max_len=model.config.max_len)
             self.card: dict[str, Any] = {}
         else:
             path = Path(checkpoint) if checkpoint is not None else default_checkpoint(name)

@@ -67,6 +67,7 @@ from tmpo.rewards.preference import (
     ASSET_DIR,
     REWARD_NAMES,
     CaptionTokenizer,
+    caption_tokenizer,
     MiniCLIP,
     MiniCLIPConfig,
     checkpoint_state,
@@ -497,7 +498,7 @@ def train(name: str, minutes: float, seed: int | None, steps: int | None, out_di
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 7])
     gen = torch.Generator().manual_seed(seed)
-    tokenizer = CaptionTokenizer()
+    tokenizer = caption_tokenizer()
     model = build_model(name, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=preset["lr"], weight_decay=1e-4)
     exclude = heldout_prompts()
