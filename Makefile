@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install run test test-slow toy bench tables clean
+.PHONY: install run test test-slow toy science science-mini pretrain-mini bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,17 @@ test-slow: install  ## long end-to-end tests only
 
 toy: install  ## toy comparison of every method (paper Fig. 2): results/toy/{summary.csv,fig2.png}
 	$(PY) -m experiments.toy_fig2
+
+science: install  ## the science issue's toy experiments (5 seeds per cell): results/science/
+	$(PY) -m experiments.science
+
+science-mini: install  ## the same questions on the mini scale (GenEval reward): results/science/mini_*
+	$(PY) -m experiments.science_mini
+
+ARCH ?= dit
+MINUTES ?= 110
+pretrain-mini: install  ## (re)train a mini base model; resumable: make pretrain-mini ARCH=mmdit MINUTES=90
+	$(PY) -m tmpo.policies.mini_pretrain --arch $(ARCH) --minutes $(MINUTES)
 
 bench: install  ## speed/memory benchmarks, written to results/bench/
 	$(PY) -m experiments.bench

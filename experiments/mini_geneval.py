@@ -1,11 +1,12 @@
 """TMPO on the mini world with the GenEval reward: before/after numbers and a sample grid.
 
-    python -m experiments.mini_geneval --steps 60            # results/mini/geneval_<method>.{json,png}
+    python -m experiments.mini_geneval --steps 60 --seeds 0 1 2   # results/mini/geneval_<method>{.json,_grid.png}
 
-Trains ``method`` (default tmpo) from the committed mini base model, evaluates the EMA policy on every
+Trains ``method`` (default tmpo) from the committed mini base model for each seed, evaluates the EMA policy on every
 held-out GenEval prompt (10 images each) and on the DrawBench-style preference prompts, and draws a
 grid of samples (rows: test prompts; columns: base model seeds | trained model seeds, same noise).
-The run directory (``runs/mini/<method>``) is resumable: re-running continues from its checkpoint.
+The json holds the mean and std over seeds, each seed's numbers and the base model's (``base/<name>``).
+Run directories (``runs/mini/<method>_<steps>_s<seed>``) are resumable: re-running continues them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.grid import run_cell  # noqa: E402
@@ -54,28 +56,41 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="tmpo")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (the base is evaluated once)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=Path, default=Path("runs/mini"))
     ap.add_argument("--out", type=Path, default=Path("results/mini"))
     ap.add_argument("--extra", nargs="*", default=[], help="further overrides")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = ["model=mini", "reward=geneval", f"method={args.method}", f"trainer.total_steps={args.steps}",
-                 f"trainer.threads={args.threads}", f"trainer.seed={args.seed}", "trainer.checkpoint_every=10", *args.extra]
-    out = run_cell(overrides, args.runs / f"{args.method}_s{args.seed}")
-    summary, trainer = out["summary"], out["trainer"]
     args.out.mkdir(parents=True, exist_ok=True)
-    table = {"method": args.method, "steps": args.steps, "command": "python -m experiments.mini_geneval " + " ".join(
-        [f"--method {args.method}", f"--steps {args.steps}", f"--seed {args.seed}", *(["--extra", *args.extra] if args.extra else [])])}
+    command = " ".join(["python -m experiments.mini_geneval", f"--method {args.method}", f"--steps {args.steps}",
+                        "--seeds", *map(str, args.seeds), *(["--extra", *args.extra] if args.extra else [])])
+    rows, base = [], {}
+    for i, seed in enumerate(args.seeds):
+        overrides = ["model=mini", "reward=geneval", f"method={args.method}", f"trainer.total_steps={args.steps}",
+                     f"trainer.threads={args.threads}", f"trainer.seed={seed}", "trainer.checkpoint_every=10",
+                     # the base model's eval is the same for every training seed (fixed eval noise): run it once
+                     f"trainer.eval_base={'true' if i == 0 else 'false'}", *args.extra]
+        out = run_cell(overrides, args.runs / f"{args.method}_{args.steps}_s{seed}")
+        summary, trainer = out["summary"], out["trainer"]
+        base = base or {n: summary[f"base/{n}"] for n in NAMES if f"base/{n}" in summary}
+        rows.append({"seed": seed, **{n: summary.get(n) for n in NAMES}})
+        if i == 0:
+            prompts = [t for t, _ in trainer.prompts.test()][::9][:6]
+            sample_grid(trainer, prompts, 4, args.out / f"geneval_{args.method}_grid.png",
+                        f"{args.method} on GenEval-mini, {args.steps} steps (seed {seed}): base (left) vs trained "
+                        "(right), same initial noise")
+        print(json.dumps(rows[-1]), flush=True)
+    df = pd.DataFrame(rows)
+    table: dict = {"method": args.method, "steps": args.steps, "seeds": args.seeds, "command": command}
     for n in NAMES:
-        table[n] = summary.get(n)
-        if n != "iter_time_s":
-            table[f"base/{n}"] = summary.get(f"base/{n}")
+        table[n] = float(df[n].mean())
+        table[f"{n}_std"] = float(df[n].std(ddof=1)) if len(df) > 1 else None
+        if n in base:
+            table[f"base/{n}"] = base[n]
+    table["per_seed"] = rows
     (args.out / f"geneval_{args.method}.json").write_text(json.dumps(table, indent=2) + "\n")
-    prompts = [t for t, _ in trainer.prompts.test()][::9][:6]
-    sample_grid(trainer, prompts, 4, args.out / f"geneval_{args.method}_grid.png",
-                f"{args.method} on GenEval-mini, {args.steps} steps: base (left) vs trained (right), same initial noise")
     print(json.dumps(table, indent=2))
 
 
