@@ -20,6 +20,7 @@ Writes ``results/science/mini_{cells,per_seed,diagnostics}.csv`` and ``mini_diag
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -54,6 +55,19 @@ def sibling_similarity(trainer, tree: bool, features: MiniImageFeatures, n_promp
     return out
 
 
+def base_metrics(common: list[str], path: Path) -> dict[str, float]:
+    """Eval metrics of the untouched base model under the study's eval settings (cached in ``path``)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    from tmpo.run import build_trainer, compose_config
+
+    cfg = compose_config([f"run_dir={path.parent / 'base'}", "logger=none", "trainer.progress=false", *common, "method=tmpo"])
+    metrics = build_trainer(cfg).evaluate()  # EMA == base weights before any update
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", nargs="*", default=list(CELLS))
@@ -80,6 +94,7 @@ def main() -> None:
         if cell in ("tmpo", "tmpo_indep_K27", "grpo_tree"):
             similarity.append({"cell": cell, "seed": seed, **sibling_similarity(trainer, "indep" not in cell, features)})
 
+    base = base_metrics(common, args.runs / "base_metrics.json")
     cells = {c: [*common, *CELLS[c]] for c in args.cells}
     frames = []
     for seed in args.seeds:  # seed-major: a partial study has complete seeds
@@ -88,6 +103,7 @@ def main() -> None:
         metrics = [m for m in METRICS if m in df]
         df[["cell", "seed", *metrics]].to_csv(args.out / "mini_per_seed.csv", index=False, float_format="%.4f")
         table = mean_std_table(df, metrics)
+        table = pd.concat([pd.DataFrame([{"cell": "base", "n_seeds": 1, **{m: base[m] for m in metrics if m in base}}]), table])
         if similarity:
             sim = pd.DataFrame(similarity)
             table = table.merge(mean_std_table(sim, [c for c in ("sibling_cos_sim", "pair_cos_sim") if c in sim]),
