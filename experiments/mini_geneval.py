@@ -5,7 +5,9 @@
 Trains ``method`` (default tmpo) from the committed mini base model for each seed, evaluates the EMA policy on every
 held-out GenEval prompt (10 images each) and on the DrawBench-style preference prompts, and draws a
 grid of samples (rows: test prompts; columns: base model seeds | trained model seeds, same noise).
-The json holds the mean and std over seeds, each seed's numbers and the base model's (``base/<name>``).
+The json holds the mean and std over seeds, each seed's numbers and the base model's (``base/<name>``),
+plus GenEval's official accuracy per tag (``official/<tag>``, ``official/overall`` = mean over tags, as
+on the model card).
 Run directories (``runs/mini/<method>_<steps>_s<seed>``) are resumable: re-running continues them.
 """
 
@@ -23,6 +25,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.grid import run_cell  # noqa: E402
+from tmpo.policies.mini_pretrain import evaluate_base  # noqa: E402
 from tmpo.samplers import sample_ode  # noqa: E402
 
 NAMES = ["geneval", "geneval_official", "pickscore", "hpsv21", "imagereward", "lgmd", "cosdiv", "iter_time_s"]
@@ -52,6 +55,14 @@ def sample_grid(trainer, prompts: list[str], seeds: int, out: Path, title: str) 
     plt.close(fig)
 
 
+def per_tag_accuracy(policy) -> dict[str, float]:
+    """GenEval official accuracy per tag (and the per-tag mean, ``overall``) on every held-out prompt,
+    10 images each, fixed noise; the model card's protocol with the paper's 10 images per prompt."""
+    with torch.no_grad():
+        out = evaluate_base(policy, n_per_prompt=10, num_steps=28, seed=0)
+    return {k: float(v) for k, v in out.items() if k != "n_images"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="tmpo")
@@ -75,7 +86,12 @@ def main() -> None:
         out = run_cell(overrides, args.runs / f"{args.method}_{args.steps}_s{seed}")
         summary, trainer = out["summary"], out["trainer"]
         base = base or {n: summary[f"base/{n}"] for n in NAMES if f"base/{n}" in summary}
-        rows.append({"seed": seed, **{n: summary.get(n) for n in NAMES}})
+        with trainer.ema.applied():
+            tags = per_tag_accuracy(trainer.policy)
+        if i == 0:
+            with trainer.policy.reference():
+                base.update({f"official/{t}": v for t, v in per_tag_accuracy(trainer.policy).items()})
+        rows.append({"seed": seed, **{n: summary.get(n) for n in NAMES}, **{f"official/{t}": v for t, v in tags.items()}})
         if i == 0:
             prompts = [t for t, _ in trainer.prompts.test()][::9][:6]
             sample_grid(trainer, prompts, 4, args.out / f"geneval_{args.method}_grid.png",
@@ -84,7 +100,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     df = pd.DataFrame(rows)
     table: dict = {"method": args.method, "steps": args.steps, "seeds": args.seeds, "command": command}
-    for n in NAMES:
+    for n in [*NAMES, *(c for c in df.columns if c.startswith("official/"))]:
         table[n] = float(df[n].mean())
         table[f"{n}_std"] = float(df[n].std(ddof=1)) if len(df) > 1 else None
         if n in base:
