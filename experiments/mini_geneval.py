@@ -88,11 +88,10 @@ def main() -> None:
         base = base or {n: summary[f"base/{n}"] for n in NAMES if f"base/{n}" in summary}
         with trainer.ema.applied():
             tags = per_tag_accuracy(trainer.policy)
+        rows.append({"seed": seed, **{n: summary.get(n) for n in NAMES}, **{f"official/{t}": v for t, v in tags.items()}})
         if i == 0:
             with trainer.policy.reference():
                 base.update({f"official/{t}": v for t, v in per_tag_accuracy(trainer.policy).items()})
-        rows.append({"seed": seed, **{n: summary.get(n) for n in NAMES}, **{f"official/{t}": v for t, v in tags.items()}})
-        if i == 0:
             prompts = [t for t, _ in trainer.prompts.test()][::9][:6]
             sample_grid(trainer, prompts, 4, args.out / f"geneval_{args.method}_grid.png",
                         f"{args.method} on GenEval-mini, {args.steps} steps (seed {seed}): base (left) vs trained "

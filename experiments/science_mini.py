@@ -44,7 +44,8 @@ METRICS = ["geneval", "geneval_official", "pickscore", "hpsv21", "imagereward", 
 
 def sibling_similarity(trainer, tree: bool, features: MiniImageFeatures, n_prompts: int = 6, seed: int = 99) -> dict[str, float]:
     """Mean feature cosine similarity of tree siblings and of random same-group leaf pairs."""
-    records = load_prompts("geneval", "test")[:: max(1, 52 // n_prompts)][:n_prompts]
+    records = load_prompts("geneval", "test")
+    records = records[:: max(1, len(records) // n_prompts)][:n_prompts]
     r = science_rollout(trainer, tree, [x["prompt"] for x in records], records, seed)
     phi = torch.nn.functional.normalize(features(trainer.policy.decode(r.leaves).clamp(0, 1)).double(), dim=1)
     cos = phi @ phi.T

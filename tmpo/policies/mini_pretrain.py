@@ -37,7 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from tmpo.checkpoint import save_atomic
-from tmpo.policies.mini import ARCHS, MiniConfig, MiniPolicy, build_denoiser, build_text_encoder, config_dict, default_checkpoint
+from tmpo.policies.mini import (
+    ARCHS, MiniConfig, MiniPolicy, build_denoiser, build_text_encoder, config_dict, default_checkpoint, load_weights,
+)
 from tmpo.policies.mini_text import text_tokenizer
 from tmpo.world import ALL_TAGS, render, sample_random_scene
 
@@ -227,9 +229,7 @@ def warm_start(model: Bundle, ema: Bundle, path: Path, cfg: MiniConfig) -> dict:
     """Load a published checkpoint's (EMA) weights into ``model`` and ``ema``; returns its card."""
     if not Path(path).exists():
         raise FileNotFoundError(f"--init {path} does not exist; pass a checkpoint written by this script")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "denoiser" not in state or "config" not in state:
-        raise ValueError(f"--init {path} is not a published mini checkpoint (needs 'config' and 'denoiser' keys)")
+    state = load_weights(path, cfg.arch)  # validates the file's keys and architecture
     if state["config"] != config_dict(cfg):
         raise ValueError(
             f"--init {path} has config {state['config']}, not {config_dict(cfg)}; pass matching architecture flags"
