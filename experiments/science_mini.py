@@ -8,7 +8,8 @@ Cells (all train on GenEval-mini with the strict reward, the same seeds and sche
 * ``tmpo`` / ``tmpo_p_uniform`` / ``tmpo_logp_sum``: the policy-term ablation (experiment 2);
 * ``tmpo_indep_K27``: 27 independent trajectories instead of the tree (experiment 4, prefix sharing);
 * ``grpo_tree``: z-scored GRPO advantages on TMPO's tree (experiment 5, advantage shape);
-* ``tmpo_beta1``: no beta warm-up (experiment 5).
+* ``tmpo_beta1``: no beta warm-up (experiment 5);
+* ``tmpo_indep_K{3,9,81}``: finite K (experiment 3), with ``tmpo_indep_K27`` as the K = 27 point.
 
 Every run logs the diagnostics (experiment 1) in its ``metrics.jsonl``. After each run, sibling vs
 same-group similarity of leaves (experiment 4's "same mode" on a continuous world): the cosine
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +40,8 @@ CELLS: dict[str, list[str]] = {  # in priority order: `--cells` defaults to all,
     "grpo_tree": ["method=grpo"],
     "tmpo_logp_sum": ["method=tmpo", "objective.log_prob_reduction=sum"],
     "tmpo_beta1": ["method=tmpo", "ablation=beta1"],
+    # experiment 3, finite K: independent trajectories, K = 27 is `tmpo_indep_K27` above
+    **{f"tmpo_indep_K{k}": ["method=tmpo", "sampler=tree_independent", f"sampler.plan.group_size={k}"] for k in (3, 9, 81)},
 }
 METRICS = ["geneval", "geneval_official", "pickscore", "hpsv21", "imagereward", "lgmd", "cosdiv", "reward"]
 
@@ -65,7 +69,9 @@ def base_metrics(common: list[str], path: Path) -> dict[str, float]:
     cfg = compose_config([f"run_dir={path.parent / 'base'}", "logger=none", "trainer.progress=false", *common, "method=tmpo"])
     metrics = build_trainer(cfg).evaluate()  # EMA == base weights before any update
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # two studies sharing a runs dir may race here
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, path)
     return metrics
 
 
