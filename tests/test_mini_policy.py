@@ -323,3 +323,30 @@ def test_committed_dit_checkpoint_loads_and_samples():
     x = sample_ode(policy, ["a photo of a red circle"], 2, 4, torch.Generator().manual_seed(0))
     img = policy.decode(x)
     assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
+
+
+def test_eval_only_rescores_a_published_model_and_rewrites_only_its_card(tmp_path, monkeypatch):
+    from functools import partial
+
+    from tmpo.world import load_prompts
+
+    out = tmp_path / "dit.pt"
+    mini_pretrain.main(["--out", str(out), "--batch", "4", "--buffer", "8", "--fresh", "2", "--no-eval", *TINY_FLAGS, "--steps", "2"])
+    before = torch.load(out, weights_only=True)
+    assert "base_metrics" not in before["card"]
+    train, test = load_prompts("geneval", "train")[:6], load_prompts("geneval", "test")[:4]
+    small = partial(mini_pretrain.final_evaluation, sweep_records=train, test_records=test, sweep_images=2, test_images=3)
+    monkeypatch.setattr(mini_pretrain, "final_evaluation", small)
+    metrics = mini_pretrain.main(["--out", str(out), "--arch", "dit", "--eval-only"])
+    sweep = metrics["shift_sweep_geneval_train_per_image"]
+    assert set(sweep) == {str(s) for s in mini_pretrain.EVAL_SHIFTS}
+    assert metrics["shift"] == float(max(sweep, key=sweep.get))  # the argmax of per-image accuracy
+    test_metrics = metrics["geneval_test_official"]
+    assert test_metrics["n_images"] == 4 * 3
+    assert 0.0 <= test_metrics["per_image"] <= 1.0 and (test_metrics["per_image"] * 12) % 1 == 0  # k of 12 images
+    after = torch.load(out, weights_only=True)
+    for part in ("denoiser", "text_encoder"):
+        assert all(torch.equal(before[part][k], after[part][k]) for k in before[part])
+    card = json.loads(mini_pretrain.card_path(out).read_text())
+    assert card["base_metrics"] == after["card"]["base_metrics"] == json.loads(json.dumps(metrics))
+    assert card["steps"] == 2 and card["status"] == "trained"  # the training record is kept

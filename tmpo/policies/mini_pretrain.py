@@ -14,9 +14,9 @@ states) and republishes ``<out>`` (EMA weights + config + card; what :class:`Min
 ``<out minus .pt>.json`` (the model card). Re-running the same command resumes from the train state.
 ``--minutes`` and ``--steps`` are *totals* over all resumed runs; the learning rate cools down
 linearly over the last ``--cooldown`` fraction of the time budget. After training the EMA model is
-evaluated (:func:`evaluate_base`): the sampling shift is chosen on GenEval *train* prompts and the
-card reports GenEval-mini accuracy (official rules) on the *test* prompts, 28 ODE steps, 4 images
-per prompt. A resumed run refills the replay buffer from the saved rng, so it is not bitwise
+evaluated (:func:`final_evaluation`): the sampling shift is chosen on GenEval *train* prompts and the
+card reports GenEval-mini accuracy (official rules) on the *test* prompts, 28 ODE steps, 10 images
+per prompt (``--eval-only`` re-evaluates a published model). A resumed run refills the replay buffer from the saved rng, so it is not bitwise
 identical to an uninterrupted run.
 """
 
@@ -134,7 +134,7 @@ def evaluate_base(
     """GenEval-mini accuracy (official rules, :class:`MiniDetector`) of ODE samples of ``policy``.
 
     ``records`` defaults to the GenEval test prompts. Returns per-tag accuracy and ``overall`` (the
-    unweighted mean over tags), plus ``n_images``.
+    unweighted mean over tags), ``per_image`` (the fraction of correct images) and ``n_images``.
     """
     from tmpo.rewards.geneval import GenEvalReward, summarize
     from tmpo.rewards.mini_detector import MiniDetector
@@ -155,6 +155,7 @@ def evaluate_base(
         correct += ok.tolist()
         tags += [r["tag"] for r in rep]
     out = summarize(correct, tags)
+    out["per_image"] = sum(correct) / len(correct)
     out["n_images"] = len(correct)
     return out
 
@@ -163,26 +164,52 @@ def _policy_from(path: Path, arch: str, shift: float) -> MiniPolicy:
     return MiniPolicy(checkpoint=str(path), arch=arch, lora=None, shift=shift)
 
 
-def final_evaluation(out: Path, arch: str, log) -> dict[str, Any]:
-    """Pick the sampling shift on GenEval train prompts, then score the test prompts at that shift."""
+def final_evaluation(
+    out: Path, arch: str, log, sweep_images: int = 2, test_images: int = 10,
+    sweep_records: list[dict] | None = None, test_records: list[dict] | None = None,
+) -> dict[str, Any]:
+    """Pick the sampling shift on GenEval train prompts, then score the test prompts at that shift.
+
+    The shift is chosen by *per-image* official accuracy on every train prompt: the per-tag mean
+    weights single_object (5 prompts in the whole world, 1 in test) like color_attr (120), so on a
+    few images it swings by +-0.2 with the noise seed. Test: ``test_images`` per prompt (the paper's 10).
+    """
     from tmpo.world import load_prompts
 
-    train = load_prompts("geneval", "train")
-    sel = [train[i] for i in np.random.default_rng(0).permutation(len(train))[:96]]
-    sweep = {}
+    sweep_records = load_prompts("geneval", "train") if sweep_records is None else sweep_records
+    sweep, sweep_per_tag = {}, {}
     for shift in EVAL_SHIFTS:
-        sweep[str(shift)] = evaluate_base(_policy_from(out, arch, shift), sel, n_per_prompt=2, seed=1)["overall"]
-        log({"event": "shift_sweep", "shift": shift, "geneval_train_overall": sweep[str(shift)]})
+        res = evaluate_base(_policy_from(out, arch, shift), sweep_records, n_per_prompt=sweep_images, seed=1)
+        sweep[str(shift)], sweep_per_tag[str(shift)] = res["per_image"], res["overall"]
+        log({"event": "shift_sweep", "shift": shift, "geneval_train_per_image": res["per_image"],
+             "geneval_train_overall": res["overall"]})
     best = float(max(sweep, key=lambda k: sweep[k]))
-    test = evaluate_base(_policy_from(out, arch, best), n_per_prompt=4, num_steps=28, seed=0)
+    test = evaluate_base(_policy_from(out, arch, best), test_records, n_per_prompt=test_images, num_steps=28, seed=0)
     log({"event": "eval_test", "shift": best, **test})
     return {
         "shift": best,
-        "shift_sweep_geneval_train": sweep,
+        "shift_sweep_geneval_train_per_image": sweep,
+        "shift_sweep_geneval_train_overall": sweep_per_tag,
         "geneval_test_official": test,
-        "protocol": "GenEval-mini official rules, MiniDetector, geneval test prompts, 28 Euler ODE steps, "
-        "4 images/prompt, guidance 1.0, seed 0; shift chosen on 96 train prompts x 2 images",
+        "protocol": f"GenEval-mini official rules, MiniDetector, 28 Euler ODE steps, guidance 1.0; shift = argmax of "
+        f"per-image accuracy on all {len(sweep_records)} train prompts x {sweep_images} images (seed 1); test: "
+        f"every test prompt x {test_images} images (seed 0); overall = unweighted mean over tags",
     }
+
+
+def reevaluate(out: Path, arch: str, log) -> dict[str, Any]:
+    """Re-run :func:`final_evaluation` on a published checkpoint and rewrite its card (``--eval-only``).
+
+    Only ``base_metrics`` and ``eval_minutes`` change; the weights are re-saved bit-identical.
+    """
+    state = load_weights(out, arch)
+    t_e = time.time()
+    metrics = final_evaluation(out, arch, log)
+    card = {**dict(state.get("card") or {}), "base_metrics": metrics, "eval_minutes": round((time.time() - t_e) / 60, 2)}
+    save_atomic({**state, "card": card}, out)
+    card_path(out).write_text(json.dumps(card, indent=2) + "\n")
+    log({"event": "done", "geneval_test_overall": metrics["geneval_test_official"]["overall"], "shift": metrics["shift"]})
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +240,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--checkpoint-minutes", type=float, default=2.0)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--no-eval", action="store_true", help="skip the final GenEval evaluation")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="no training: re-evaluate the published <out> and rewrite its card's base_metrics")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--init", type=Path, default=None,
@@ -262,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out: Path = args.out
+    if args.eval_only:
+        return reevaluate(out, args.arch, lambda record: print(json.dumps(record), flush=True))
     state_file = train_state_path(out)
     command = "python -m tmpo.policies.mini_pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
 
@@ -413,13 +444,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {"step": step, "resumed_from": resumed_from, "loss_avg": loss_avg, "elapsed": elapsed}
     if stop["signal"] is not None or args.no_eval:
         return summary
-    t_e = time.time()
-    metrics = final_evaluation(out, args.arch, log)
-    card = make_card("trained", {"base_metrics": metrics, "eval_minutes": round((time.time() - t_e) / 60, 2)})
-    save_atomic(published_state(ema, cfg, card), out)
-    card_path(out).write_text(json.dumps(card, indent=2) + "\n")
-    log({"event": "done", "geneval_test_overall": metrics["geneval_test_official"]["overall"], "shift": metrics["shift"]})
-    summary["metrics"] = metrics
+    summary["metrics"] = reevaluate(out, args.arch, log)  # the "trained" checkpoint above is what gets scored
     return summary
 
 
