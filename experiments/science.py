@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -172,15 +173,29 @@ def plot_diagnostics(diag: pd.DataFrame, out: Path) -> None:
     plt.close(fig)
 
 
-def plot_finite_k(table: pd.DataFrame, out: Path) -> None:
+def plot_finite_k(
+    table: pd.DataFrame,
+    out: Path,
+    panels: Sequence[Sequence[tuple[str, str]]] = (
+        (("kl_to_target", "KL(occupancy || target)"), ("fwd_kl_to_target", "KL(target || occupancy)")),
+    ),
+    ylabels: Sequence[str] = ("final KL",),
+) -> None:
+    """Metrics of the ``tmpo_indep_K<k>`` cells against K (log axis), mean +- std over seeds; one panel
+    per entry of ``panels``, each a list of ``(column, label)``; a ``base`` row is drawn dotted."""
     t = table[table.cell.str.startswith("tmpo_indep_K")].copy()
+    base = table[table.cell == "base"]
     t["K"] = t.cell.str.extract(r"K(\d+)").astype(int)
     t = t.sort_values("K")
-    fig, ax = plt.subplots(figsize=(4.5, 3.4))
-    ax.errorbar(t.K, t.kl_to_target, yerr=t.kl_to_target_std, marker="o", label="KL(occupancy || target)")
-    ax.errorbar(t.K, t.fwd_kl_to_target, yerr=t.fwd_kl_to_target_std, marker="s", label="KL(target || occupancy)")
-    ax.set_xscale("log"), ax.set_xticks(t.K, [str(k) for k in t.K]), ax.set_xlabel("K (independent trajectories)")
-    ax.set_ylabel("final KL"), ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, panel, ylabel in zip(axes[0], panels, ylabels):
+        for (col, label), marker in zip(panel, "osd^"):
+            line = ax.errorbar(t.K, t[col], yerr=t[f"{col}_std"], marker=marker, label=label, capsize=3)
+            if col in base and base[col].notna().any():  # the untouched model, same eval
+                ax.axhline(float(base[col].iloc[0]), ls=":", color=line[0].get_color(), lw=1)
+        ax.set_xscale("log"), ax.minorticks_off(), ax.set_xticks(t.K, [str(k) for k in t.K])
+        ax.set_xlabel("K (independent trajectories)")
+        ax.set_ylabel(ylabel), ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

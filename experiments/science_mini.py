@@ -15,7 +15,8 @@ Every run logs the diagnostics (experiment 1) in its ``metrics.jsonl``. After ea
 same-group similarity of leaves (experiment 4's "same mode" on a continuous world): the cosine
 similarity of the mini DINOv2 stand-in's features for tree siblings and for random same-group
 pairs. Runs are iterated seed-major, so an interrupted study has whole seeds; re-running resumes.
-Writes ``results/science/mini_{cells,per_seed,diagnostics}.csv`` and ``mini_diagnostics.png``.
+Writes ``results/science/mini_{cells,per_seed,diagnostics}.csv``, ``mini_diagnostics.png`` and, with
+two or more finite-K cells, ``mini_finite_k.png``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 
 from experiments.grid import mean_std_table, run_grid
-from experiments.science import DIAG, diagnostics_table, pair_masks, plot_diagnostics, science_rollout
+from experiments.science import DIAG, diagnostics_table, pair_masks, plot_diagnostics, plot_finite_k, science_rollout
 from tmpo.metrics.mini_features import MiniImageFeatures
 from tmpo.world import load_prompts
 
@@ -43,6 +44,7 @@ CELLS: dict[str, list[str]] = {  # in priority order: `--cells` defaults to all,
     # experiment 3, finite K: independent trajectories, K = 27 is `tmpo_indep_K27` above
     **{f"tmpo_indep_K{k}": ["method=tmpo", "sampler=tree_independent", f"sampler.plan.group_size={k}"] for k in (3, 9, 81)},
 }
+FINITE_K_PANELS = ((("geneval", "partial"), ("geneval_official", "official")), (("cosdiv", "Cos. Div."),))
 METRICS = ["geneval", "geneval_official", "pickscore", "hpsv21", "imagereward", "lgmd", "cosdiv", "reward"]
 
 
@@ -125,6 +127,8 @@ def main() -> None:
                                                                      index=False, float_format="%.4f")
     plot_diagnostics(diag[diag.cell.isin(["tmpo", "tmpo_p_uniform", "tmpo_logp_sum", "grpo_tree"])],
                      args.out / "mini_diagnostics.png")
+    if table.cell.str.startswith("tmpo_indep_K").sum() >= 2:
+        plot_finite_k(table, args.out / "mini_finite_k.png", FINITE_K_PANELS, ("GenEval-mini (held-out prompts)", "diversity"))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
