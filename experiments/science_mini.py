@@ -2,6 +2,8 @@
 
     python -m experiments.science_mini                         # every cell, seeds 0-4
     python -m experiments.science_mini --checkpoint dit_v1.pt  # a specific base model
+    python -m experiments.science_mini --cells tmpo grpo_tree tmpo_beta1 --steps 150 \
+        --runs runs/science_mini_long --out results/science/mini_150   # longer runs, three cells
 
 Cells (all train on GenEval-mini with the strict reward, the same seeds and schedule):
 
