@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +32,7 @@ import torch
 
 from experiments.grid import mean_std_table, run_grid
 from experiments.science import DIAG, diagnostics_table, pair_masks, plot_diagnostics, plot_finite_k, science_rollout
+from tmpo.checkpoint import write_json_atomic
 from tmpo.metrics.mini_features import MiniImageFeatures
 from tmpo.world import load_prompts
 
@@ -72,10 +72,7 @@ def base_metrics(common: list[str], path: Path) -> dict[str, float]:
 
     cfg = compose_config([f"run_dir={path.parent / 'base'}", "logger=none", "trainer.progress=false", *common, "method=tmpo"])
     metrics = build_trainer(cfg).evaluate()  # EMA == base weights before any update
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # two studies sharing a runs dir may race here
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(metrics, path)  # two studies sharing a runs dir may race here
     return metrics
 
 

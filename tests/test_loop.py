@@ -141,3 +141,16 @@ def test_mini_pipeline_end_to_end_on_a_tiny_random_model(tmp_path):
         assert key in summary and math.isfinite(summary[key]), key
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/group_size"] for r in rows if "train/loss" in r] == [27, 27]
+
+
+def test_write_json_atomic_round_trips_and_leaves_no_temporary_file(tmp_path):
+    from tmpo.checkpoint import write_json_atomic
+
+    path = write_json_atomic({"a": 1, "b": [0.5, None]}, tmp_path / "sub" / "card.json")
+    assert json.loads(path.read_text()) == {"a": 1, "b": [0.5, None]}
+    write_json_atomic({"a": 2}, path)  # replaces, not appends
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["card.json"]
+    with pytest.raises(TypeError):
+        write_json_atomic({"bad": object()}, path)  # a failed write keeps the old file and no temporary
+    assert json.loads(path.read_text()) == {"a": 2} and [p.name for p in path.parent.iterdir()] == ["card.json"]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tmpo.checkpoint import save_atomic
+from tmpo.checkpoint import save_atomic, write_json_atomic
 from tmpo.policies.mini import (
     ARCHS, MiniConfig, MiniPolicy, build_denoiser, build_text_encoder, config_dict, default_checkpoint, load_weights,
 )
@@ -106,6 +106,12 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     e, m = list(ema.parameters()), list(model.parameters())
     torch._foreach_mul_(e, decay)
     torch._foreach_add_(e, m, alpha=1 - decay)
+
+
+def publish(state: dict[str, Any], out: Path) -> None:
+    """Write the published weights file (with its card inside) and the card beside it, both atomically."""
+    save_atomic(state, out)
+    write_json_atomic(state["card"], card_path(out))
 
 
 def published_state(ema: Bundle, cfg: MiniConfig, card: dict) -> dict[str, Any]:
@@ -206,8 +212,7 @@ def reevaluate(out: Path, arch: str, log) -> dict[str, Any]:
     t_e = time.time()
     metrics = final_evaluation(out, arch, log)
     card = {**dict(state.get("card") or {}), "base_metrics": metrics, "eval_minutes": round((time.time() - t_e) / 60, 2)}
-    save_atomic({**state, "card": card}, out)
-    card_path(out).write_text(json.dumps(card, indent=2) + "\n")
+    publish({**state, "card": card}, out)
     log({"event": "done", "geneval_test_overall": metrics["geneval_test_official"]["overall"], "shift": metrics["shift"]})
     return metrics
 
@@ -291,13 +296,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out: Path = args.out
-    if args.eval_only:
-        return reevaluate(out, args.arch, lambda record: print(json.dumps(record), flush=True))
-    state_file = train_state_path(out)
-    command = "python -m tmpo.policies.mini_pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
 
     def log(record: dict) -> None:
         print(json.dumps(record), flush=True)
+
+    if args.eval_only:
+        return reevaluate(out, args.arch, log)
+    state_file = train_state_path(out)
+    command = "python -m tmpo.policies.mini_pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
 
     cfg = MiniConfig(arch=args.arch, width=args.width, depth=args.depth, heads=args.heads, text_layers=args.text_layers)
     torch.manual_seed(args.seed)
@@ -382,9 +388,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
             state_file,
         )
-        card = make_card(status, extra)
-        save_atomic(published_state(ema, cfg, card), out)
-        card_path(out).write_text(json.dumps(card, indent=2) + "\n")
+        publish(published_state(ema, cfg, make_card(status, extra)), out)
 
     stop = {"signal": None}
 

@@ -490,7 +490,7 @@ def build_model(name: str, tokenizer: CaptionTokenizer) -> MiniCLIP:
 
 
 def train(name: str, minutes: float, seed: int | None, steps: int | None, out_dir: Path, command: str) -> dict[str, Any]:
-    from tmpo.checkpoint import save_atomic
+    from tmpo.checkpoint import save_atomic, write_json_atomic
     from tmpo.world import sample_scene_for_prompt
 
     preset = PRESETS[name]
@@ -585,9 +585,7 @@ def train(name: str, minutes: float, seed: int | None, steps: int | None, out_di
     path = save_atomic(checkpoint_state(model, tokenizer, card), out_dir / f"{name}.pt")
     os.chmod(path, 0o644)  # mkstemp creates 0600; the asset is meant to be shared
     card["checkpoint_bytes"] = path.stat().st_size
-    tmp = out_dir / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, out_dir / f"{name}.json")
+    write_json_atomic(card, out_dir / f"{name}.json")
     return card
 
 
