@@ -1,9 +1,16 @@
-"""Atomic checkpoints: write to a temporary file in the same directory, fsync, then rename."""
+"""Atomic checkpoints: write to a temporary file in the same directory, fsync, then rename.
+
+Every file the project writes with :func:`save_atomic` holds only tensors and plain Python containers,
+so it loads with ``torch.load(weights_only=True)``: a crafted pickle is refused before any of its code
+can run (:func:`safe_torch_load`).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,6 +18,8 @@ from typing import Any
 import torch
 
 LATEST = "latest.pt"
+CHECKPOINT_DIR = "checkpoints"
+_log = logging.getLogger(__name__)
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -30,14 +39,16 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
+def write_json_atomic(obj: Any, path: str | os.PathLike, sort_keys: bool = False) -> Path:
     """Write ``obj`` as indented JSON through a unique temporary file and a rename (race- and crash-safe)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
+            f.write(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -45,17 +56,81 @@ def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_atomic`, with a clear error if it is missing or corrupt."""
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Replace ``path`` with ``text`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def clean_stray_temporaries(*dirs: str | os.PathLike) -> list[Path]:
+    """Remove ``<name>.<random>.tmp`` files that a killed atomic write left in ``dirs``; return them.
+
+    Only call this while no other process writes into these directories (a run owns its run dir).
+    """
+    removed = []
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            continue
+        for tmp in sorted(d.glob("*.*.tmp")):
+            if tmp.is_file():
+                tmp.unlink()
+                removed.append(tmp)
+    if removed:
+        _log.warning("removed %d temporary file(s) left by interrupted writes: %s",
+                     len(removed), ", ".join(str(p) for p in removed))
+    return removed
+
+
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """A run directory (or a checkpoint directory) -> its ``latest.pt``; a file path is returned as is."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / LATEST if (path / "checkpoints").is_dir() else path / LATEST
+        return path / CHECKPOINT_DIR / LATEST if (path / CHECKPOINT_DIR).is_dir() else path / LATEST
+    return path
+
+
+def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error for unreadable or unsafe files.
+
+    A file holding anything but tensors and plain containers (a crafted pickle, an object from
+    another program) is refused before any of its code runs.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        blocked = [ln for ln in lines if "GLOBAL" in ln]  # a class or function the file wants to import
+        if blocked:
+            raise ValueError(
+                f"{what} {path} was refused: it holds objects that are not tensors or plain containers "
+                f"({blocked[0]}), which torch.load(weights_only=True) will not unpickle. Files written by tmpo "
+                "never do; do not load this file unless you trust its source"
+            ) from e
+        detail = next((ln for ln in lines if ln.startswith("Unsupported")), lines[-1] if lines else type(e).__name__)
+        raise ValueError(f"{what} {path} cannot be read ({detail}); it is corrupt or not a tmpo {what}") from e
+    except Exception as e:  # a torn or foreign file
+        raise ValueError(f"{what} {path} cannot be read ({e}); it is corrupt or not a tmpo {what}") from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_atomic`, with a clear error if it is missing, corrupt or unsafe."""
+    path = checkpoint_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; pass resume=<run dir or .pt file> of an earlier run")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a torn or foreign file
-        raise ValueError(f"checkpoint {path} cannot be read ({e}); it is corrupt or not a tmpo checkpoint") from e
+    state = safe_torch_load(path)
     if not isinstance(state, dict) or "step" not in state or "policy" not in state:
         raise ValueError(f"{path} is not a tmpo checkpoint (missing 'step'/'policy')")
     return state

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tmpo.checkpoint import save_atomic, write_json_atomic
+from tmpo.checkpoint import safe_torch_load, save_atomic, write_json_atomic
 from tmpo.policies.mini import (
     ARCHS, MiniConfig, MiniPolicy, build_denoiser, build_text_encoder, config_dict, default_checkpoint, load_weights,
 )
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     resumed_from = None
     init_card: dict | None = None
     if state_file.exists():
-        st = torch.load(state_file, map_location="cpu", weights_only=False)
+        st = safe_torch_load(state_file, what="mini pretraining state")  # weights_only: never runs code
         if st["config"] != config_dict(cfg):
             raise ValueError(
                 f"{state_file} was written for config {st['config']}, not {config_dict(cfg)}; "

@@ -209,10 +209,9 @@ def load_miniclip(path: str | Path, name: str | None = None) -> tuple[MiniCLIP, 
     if not path.is_file():
         how = train_command(name) if name else "python -m tmpo.rewards.train_preference --name <name>"
         raise FileNotFoundError(f"no MiniCLIP preference checkpoint at {path}; train it with `{how}`")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path} cannot be read as a torch checkpoint ({e})") from e
+    from tmpo.checkpoint import safe_torch_load
+
+    state = safe_torch_load(path, what="MiniCLIP checkpoint")  # weights_only: a crafted file never runs code
     if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
         found = state.get("kind") if isinstance(state, dict) else type(state).__name__
         raise ValueError(
