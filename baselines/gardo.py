@@ -24,16 +24,22 @@ def nearest_neighbour_distance(features: Tensor) -> Tensor:
     return dist.masked_fill(eye, torch.inf).min(dim=-1).values
 
 
-def diversity_advantage(rewards: Tensor, nn_dist: Tensor) -> Tensor:
-    """``A_i = (r_i - mean r) * w_i``, ``w_i = d_i / mean(d)`` for above-average samples, else 1; no std.
+def diversity_advantage(rewards: Tensor, nn_dist: Tensor, zscore: bool = False, std_eps: float = 1e-4) -> Tensor:
+    """``A_i = c_i * w_i``, ``w_i = d_i / mean(d)`` for above-average samples, else 1.
 
     ``[G, K]`` in and out. Only samples at or above the group's mean reward are amplified by how far
-    they are from their nearest neighbour (GARDO ``stat_tracking`` ``type='gardo'``).
+    they are from their nearest neighbour (GARDO ``stat_tracking`` ``type='gardo'``). ``c_i`` is
+    ``r_i - mean r`` (GARDO's code: no std) or, with ``zscore=True``, the z-score
+    ``(r_i - mean r) / (std + std_eps)`` (the TMPO paper's comparison, App. D.5: "all GRPO-based methods
+    use z-score advantage normalization").
     """
     r = rewards.double()
     mean_r = r.mean(-1, keepdim=True)
     w = torch.where(r >= mean_r, nn_dist / nn_dist.mean(-1, keepdim=True), torch.ones_like(r))
-    return ((r - mean_r) * w).to(rewards.dtype)
+    centred = r - mean_r
+    if zscore:
+        centred = centred / (r.std(-1, keepdim=True, unbiased=False) + std_eps)
+    return (centred * w).to(rewards.dtype)
 
 
 def descending_ranks(x: Tensor) -> Tensor:
@@ -96,8 +102,14 @@ class GARDOObjective(GRPOObjective):
         kl_gate: ``"uncertainty"`` (KL only on flagged samples; needs auxiliary rewards) or
             ``"all"`` (plain KL on every sample, for rewards without auxiliary models such as the toy).
         uncertainty_sign: +1 as GARDO's code, -1 to flag samples the proxy over-rates.
-        kl_thres: reset the reference when an iteration's KL exceeded this (3e-4 in GARDO; per task).
+        kl_thres: reset the reference when an optimizer step's KL exceeded this (3e-4 in GARDO; per task).
+            Compared, as GARDO's code does, with the KL averaged over *all* samples and trained steps
+            (zeros for samples the gate left out) in the objective's ``kl_form`` units (Flow-GRPO's by
+            default). GARDO's code averages over flagged samples within each micro-batch of a few
+            samples and over micro-batches; we read it with micro-batches of one sample.
         reset_every: reset anyway after this many iterations without one (hard-coded 15 in the code).
+        zscore: divide the centred reward by the group std before the diversity weight (TMPO paper
+            App. D.5, default) or not (GARDO's code).
     """
 
     def __init__(
@@ -108,6 +120,7 @@ class GARDOObjective(GRPOObjective):
         uncertainty_sign: float = 1.0,
         kl_thres: float = 3e-4,
         reset_every: int = 15,
+        zscore: bool = True,
         **grpo_kwargs,
     ) -> None:
         super().__init__(**grpo_kwargs)
@@ -115,9 +128,10 @@ class GARDOObjective(GRPOObjective):
             raise ValueError(f"kl_gate must be 'uncertainty' or 'all', got {kl_gate!r}")
         self.features, self.kl_gate, self.uncertainty_sign = features, kl_gate, uncertainty_sign
         self.aux_rewards = dict(aux_rewards or {})
-        self.kl_thres, self.reset_every = kl_thres, reset_every
+        self.kl_thres, self.reset_every, self.zscore = kl_thres, reset_every, zscore
         self.compensator = RiskCompensator()
         self.since_reset = 0
+        self.resets = 0
 
     def prepare(
         self, rollout: Rollout, rewards: Tensor, step: int, samples: Tensor | None = None, reward_info: dict | None = None
@@ -126,7 +140,8 @@ class GARDOObjective(GRPOObjective):
             raise ValueError("GARDO needs the decoded samples for its diversity weights")
         g, k = rollout.num_groups, rollout.group_size
         feats = self.features(samples).view(g, k, -1)
-        adv = diversity_advantage(rewards.view(g, k), nearest_neighbour_distance(feats)).clamp(-self.adv_clip, self.adv_clip)
+        adv = diversity_advantage(rewards.view(g, k), nearest_neighbour_distance(feats), self.zscore, self.std_eps)
+        adv = adv.clamp(-self.adv_clip, self.adv_clip)
         stats: dict[str, Tensor] = {}
         kl_w = None
         if self.kl_gate == "uncertainty":
@@ -145,16 +160,21 @@ class GARDOObjective(GRPOObjective):
         return [torch.as_tensor(fn(samples, prompts, meta)[0]).float() for fn in self.aux_rewards.values()]
 
     def after_update(self, policy, stats: dict[str, float], step: int) -> dict[str, float]:
+        """Reset the reference to the live policy when an optimizer step's all-sample KL
+        (``kl_ref_all_max``, see ``kl_thres``) exceeded the threshold, or after ``reset_every`` iterations."""
         self.since_reset += 1
-        reset = stats.get("kl_ref_max", 0.0) > self.kl_thres or self.since_reset > self.reset_every
+        reset = stats.get("kl_ref_all_max", 0.0) > self.kl_thres or self.since_reset > self.reset_every
         if reset:
             policy.reset_reference()
             self.since_reset = 0
-        return {"gardo_reference_reset": float(reset)}
+            self.resets += 1
+        return {"gardo_reference_reset": float(reset), "reference_resets": float(self.resets)}
 
     def state_dict(self) -> dict:
-        return {"b": self.compensator.b, "means": list(self.compensator.means), "since_reset": self.since_reset}
+        return {"b": self.compensator.b, "means": list(self.compensator.means), "since_reset": self.since_reset,
+                "resets": self.resets}
 
     def load_state_dict(self, state: dict) -> None:
         self.compensator.b, self.compensator.means = state["b"], list(state["means"])
         self.since_reset = state["since_reset"]
+        self.resets = int(state.get("resets", 0))

@@ -36,10 +36,26 @@ def test_mixgrpo_window_caps_and_rolls_back():
 
 
 def test_mixgrpo_plan_splits_the_group_at_the_window():
-    plan = SlidingWindowPlan(group_size=27, window=4, shift_every=25, shift=1).make(25, 100, 6, np.random.default_rng(0))
+    literal = SlidingWindowPlan(group_size=27, window=4, shift_every=25, shift=1, scaling="literal")
+    plan = literal.make(25, 100, 6, np.random.default_rng(0))
     assert plan.n_roots == 1 and plan.group_size == 27
     assert [s.stochastic for s in plan.steps] == [False, True, True, True, False, False]
     assert [s.branch for s in plan.steps] == [1, 27, 1, 1, 1, 1]
+
+
+def test_mixgrpo_window_scaled_to_the_horizon():
+    from baselines.mixgrpo import scaled_window
+
+    assert scaled_window(25, 300, 4, 25, 1, 25, 300) == (4, 25, 1)  # its own setting is left unchanged
+    # 6 steps, 300 iterations: w = round(4 * 6 / 25) = 1; tau = 300 * 25 * 25 / (6 * 1 * 300) = 104.2 -> 104
+    assert scaled_window(6, 300, 4, 25, 1, 25, 300) == (1, 104, 1)
+    assert scaled_window(6, 150, 4, 25, 1, 25, 300) == (1, 52, 1)
+    assert scaled_window(6, 300, 4, 25, 0, 25, 300) == (1, 25, 0)  # Flash*: frozen
+    plan = SlidingWindowPlan()  # scaling="horizon" by default
+    assert [plan.make(it, 300, 6, None).stored_steps for it in (0, 103, 104, 207, 208, 299)] == [[1], [1], [2], [2], [3], [3]]
+    assert plan.make(0, 300, 6, None).steps[0].branch == 27
+    with pytest.raises(ValueError, match="scaling"):
+        SlidingWindowPlan(scaling="fractions")
 
 
 # --- TreeGRPO ------------------------------------------------------------------------------------
@@ -138,13 +154,17 @@ def test_every_method_and_ablation_runs_on_the_toy(tmp_path, overrides):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
     assert len(train_rows) == 3
-    common = {"train/loss", "train/reward_mean", "train/ratio_mean", "train/clip_frac", "train/kl_ref", "train/grad_norm",
+    common = {"train/loss", "train/reward_mean", "train/ratio_mean", "train/clip_frac", "train/log_ratio_absmax",
+              "train/kl_ref", "train/grad_norm", "train/optimizer_steps", "nfe/grad_per_prompt",
               "train/group_size", "train/nfe", "diag/p_entropy_frac", "diag/logp_spread", "iter_time_s"}
     assert common <= set(train_rows[-1])
     assert train_rows[-1]["train/group_size"] == 27
     for key in ("reward", "modes_covered", "kl_to_target", "base/reward", "iter_time_s"):
         assert math.isfinite(summary[key])
     assert train_rows[-1]["train/log_prob_drift"] > 0  # the second inner epoch sees a moved policy
+    assert train_rows[-1]["train/log_ratio_absmax"] > 0  # later optimizer steps see moved ratios
+    if overrides == ["method=gardo"]:
+        assert [r["train/reference_resets"] for r in train_rows][0] >= 0 and "train/kl_ref_all_max" in train_rows[-1]
 
 
 def test_gardo_objective_prepare_with_uncertainty_gate(toy_policy):
@@ -154,12 +174,46 @@ def test_gardo_objective_prepare_with_uncertainty_gate(toy_policy):
         toy_policy, ["toy"] * 2, [{}] * 2, 0, 10, torch.Generator().manual_seed(0))
     rewards = torch.tensor([0.1, 0.9, 0.5, 0.4, 0.2, 0.3, 0.8, 0.7])
     aux = {"aes": rewards.flip(0), "ir": rewards.flip(0) * 2}
-    obj = GARDOObjective(features=FlattenFeatures(), kl_gate="uncertainty")
+    obj = GARDOObjective(features=FlattenFeatures(), kl_gate="uncertainty", zscore=False)
     prep = obj.prepare(r, rewards, 0, samples=r.leaves, reward_info={"aux": aux})
     assert prep.kl_leaf_weight is not None and 0 < prep.kl_leaf_weight.sum() < 8
     r, a = rewards.view(2, 4), prep.leaf_adv.view(2, 4)
     below = r < r.mean(1, keepdim=True)
     assert torch.allclose(a[below], (r - r.mean(1, keepdim=True))[below])  # w = 1 below the group mean, no std
+
+
+def test_gardo_zscored_diversity_advantage_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0]])  # mean 3, biased std sqrt(14 / 4) = 1.8708
+    nn = torch.tensor([[0.1, 0.2, 0.3, 0.4]])  # mean 0.25: weights 1.2 and 1.6 for the two samples >= the mean
+    std = math.sqrt(3.5) + 1e-4
+    expected = [-2 / std, -1 / std, 0.0, 3 / std * 1.6]
+    assert diversity_advantage(rewards, nn, zscore=True, std_eps=1e-4)[0].tolist() == pytest.approx(expected)
+    assert diversity_advantage(rewards, nn)[0].tolist() == pytest.approx([-2.0, -1.0, 0.0, 3 * 1.6])  # GARDO's code
+
+
+@pytest.mark.parametrize(
+    "method, shared_x_T, trained, zscore", [("gardo", False, [1, 2, 3, 4], True), ("gardo_code", True, [1, 2, 3, 4], False)]
+)
+def test_gardo_methods_compose_to_the_compared_and_the_code_settings(tmp_path, method, shared_x_T, trained, zscore):
+    from hydra.utils import instantiate
+
+    cfg = compose_run([f"method={method}"], tmp_path)
+    plan = instantiate(cfg.sampler.plan)
+    assert plan.same_initial_noise is shared_x_T
+    assert plan.make(0, 10, 6, np.random.default_rng(0)).stored_steps == trained  # int(6 * 0.7) = 4 of 6
+    assert cfg.objective.zscore is zscore and cfg.objective.kl_coef == 0.04 and cfg.objective.kl_form == "flow_grpo"
+
+
+@pytest.mark.parametrize(
+    "method, steps, split, schedule, ema_decay, kl_form",
+    [("tmpo", 2, "groups", "cosine", 0.9, "exact"), ("grpo", 2, "groups", "cosine", 0.9, "flow_grpo"),
+     ("flow_grpo", 2, "leaves", "constant", 0.9, "flow_grpo"), ("gardo", 2, "leaves", "constant", 0.9, "flow_grpo"),
+     ("mixgrpo", 4, "group_leaves", "constant", 0.0, "flow_grpo"), ("treegrpo", 2, "groups", "constant", 0.9, "flow_grpo")],
+)
+def test_each_method_defaults_to_its_codes_update_schedule(tmp_path, method, steps, split, schedule, ema_decay, kl_form):
+    cfg = compose_run([f"method={method}", "model=mini", "reward=geneval"], tmp_path)  # scale configs must not undo it
+    t = cfg.trainer
+    assert (t.minibatches, t.minibatch_split, t.lr_schedule, t.ema_decay, cfg.objective.kl_form) == (steps, split, schedule, ema_decay, kl_form)
 
 
 @pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "target_modules": ["fc1", "fc2", "fc3"]}])
@@ -176,13 +230,15 @@ def test_gardo_reference_reset_makes_the_reference_the_current_policy(lora):
             before = policy.velocity(x, sig, None, None)
     assert not torch.allclose(moved, before)
     obj = GARDOObjective(features=FlattenFeatures(), kl_gate="all", kl_thres=1e-3, reset_every=15)
-    assert obj.after_update(policy, {"kl_ref_max": 1e-4}, 0) == {"gardo_reference_reset": 0.0}
-    assert obj.after_update(policy, {"kl_ref_max": 2e-3}, 1) == {"gardo_reference_reset": 1.0}
+    # the threshold reads the all-sample KL of the worst optimizer step, not the gated-sample penalty
+    assert obj.after_update(policy, {"kl_ref_max": 2e-3, "kl_ref_all_max": 1e-4}, 0) == {
+        "gardo_reference_reset": 0.0, "reference_resets": 0.0}
+    assert obj.after_update(policy, {"kl_ref_all_max": 2e-3}, 1) == {"gardo_reference_reset": 1.0, "reference_resets": 1.0}
     with torch.no_grad(), policy.reference():
         after = policy.velocity(x, sig, None, None)
     assert torch.allclose(after, moved, atol=1e-6)
     trainable = {n for n, _ in policy.trainable_named_parameters()}
     assert trainable and not any(".reference." in n for n in trainable)
     for i in range(16):  # no KL excess: reset after 15 iterations anyway
-        out = obj.after_update(policy, {"kl_ref_max": 0.0}, 2 + i)
-    assert out == {"gardo_reference_reset": 1.0}
+        out = obj.after_update(policy, {"kl_ref_all_max": 0.0}, 2 + i)
+    assert out == {"gardo_reference_reset": 1.0, "reference_resets": 2.0}

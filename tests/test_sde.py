@@ -103,3 +103,26 @@ def test_ratio_norm_adds_the_detached_mean_shift_term():
     (g,) = torch.autograd.grad(log_w.sum(), mean_new, retain_graph=True)
     (g_lp,) = torch.autograd.grad(lp_new.sum(), mean_new)
     assert torch.allclose(g, g_lp)  # the bias term carries no gradient
+
+
+# --- KL to the reference in each form (tmpo.sde.reference_kl) --------------------------------------
+def test_reference_kl_forms_on_a_hand_made_transition():
+    from tmpo.sde import reference_kl
+
+    mean, ref = torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)  # ||mean - ref||^2 = 5 over d = 2 dims
+    sig, nxt = torch.tensor([0.75]), torch.tensor([0.5])  # |dt| = 0.25
+    # sde, eta 0.7: s_t = 0.7 sqrt(0.75 / 0.25) = 0.7 sqrt(3), std = s_t sqrt(0.25): std^2 = 0.49 * 3 * 0.25 = 0.3675
+    _, std = sde_mean_std(torch.zeros(1, 2), torch.zeros(1, 2), sig, nxt, 0.7, "sde")
+    assert float(std[0]) ** 2 == pytest.approx(0.3675)
+    exact = reference_kl(mean, ref, std, sig, nxt, "sde", "exact")
+    flow = reference_kl(mean, ref, std, sig, nxt, "sde", "flow_grpo")
+    assert float(exact[0]) == pytest.approx(5 / (2 * 0.3675 * 2))  # 3.4014: the Gaussian KL per dim
+    assert float(flow[0]) == pytest.approx(5 / (2 * 0.49 * 3 * 2))  # 0.8503: Flow-GRPO divides by 2 s_t^2
+    assert float(flow[0]) / float(exact[0]) == pytest.approx(0.25)  # = |dt|
+    # cps: Flow-GRPO's std output is the true noise std 0.5 sin(0.35 pi), so the forms coincide
+    _, std_c = sde_mean_std(torch.zeros(1, 2), torch.zeros(1, 2), sig, nxt, 0.7, "cps")
+    expected = 5 / (2 * (0.5 * math.sin(0.35 * math.pi)) ** 2 * 2)  # 6.298
+    for form in ("exact", "flow_grpo"):
+        assert float(reference_kl(mean, ref, std_c, sig, nxt, "cps", form)[0]) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="valid options: exact, flow_grpo"):
+        reference_kl(mean, ref, std, sig, nxt, "sde", "flowgrpo")

@@ -42,7 +42,9 @@ class TrainerConfig:
     lr_min_ratio: float = 0.1  # cosine annealing down to lr_min_ratio * lr
     grad_clip: float | None = 0.5
     inner_epochs: int = 1  # passes over each rollout (PPO epochs)
-    minibatches: int = 1  # optimizer steps per pass (groups split evenly)
+    minibatches: int = 1  # optimizer steps per pass over the rollout
+    minibatch_split: str = "groups"  # groups | leaves | group_leaves (tmpo.update.split_minibatches)
+    lr_schedule: str = "cosine"  # cosine (TMPO, App. D.4) | constant (the baselines' code)
     parent_chunk: int = 64  # parent states per forward/backward in the update (memory knob)
     ema_decay: float = 0.9
     ema_every: int = 8
@@ -89,7 +91,11 @@ class Trainer:
         self.base_metrics: dict[str, float] = {}
 
     def _lr_factor(self, step: int) -> float:
-        """Cosine annealing from 1 to ``lr_min_ratio`` over the run (App. D.4)."""
+        """Cosine annealing from 1 to ``lr_min_ratio`` over the run (App. D.4), or a constant 1."""
+        if self.cfg.lr_schedule == "constant":
+            return 1.0
+        if self.cfg.lr_schedule != "cosine":
+            raise ValueError(f"trainer.lr_schedule={self.cfg.lr_schedule!r}; valid options: cosine, constant")
         frac = min(step / max(self.cfg.total_steps, 1), 1.0)
         return self.cfg.lr_min_ratio + (1 - self.cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
@@ -104,16 +110,22 @@ class Trainer:
         t_rollout = time.perf_counter()
         samples, rewards, reward_info = self.score(rollout)
         prepared = self.objective.prepare(rollout, rewards, step, samples=samples, reward_info=reward_info)
+        t_reward = time.perf_counter()  # decode, reward and advantages (GARDO's features and aux rewards)
         stats = policy_update(
             self.policy, rollout, self.objective, prepared, self.optimizer, self.params,
             inner_epochs=self.cfg.inner_epochs, minibatches=self.cfg.minibatches,
             parent_chunk=self.cfg.parent_chunk, grad_clip=self.cfg.grad_clip,
+            minibatch_split=self.cfg.minibatch_split,
+            generator=torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, 2)),
         )
+        t_update = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.ema.update(step)
         g, k = rollout.num_groups, rollout.group_size
-        metrics = {f"train/{n}": v for n, v in stats.items()}
+        metrics = {f"train/{n}": v for n, v in stats.items() if not n.startswith("fwd_")}
+        metrics.update({f"nfe/{n[4:]}_per_prompt": v / g for n, v in stats.items() if n.startswith("fwd_")})
+        metrics["nfe/sample_per_prompt"] = float(rollout.nfe)
         metrics.update({f"train/{n}": v for n, v in self.objective.after_update(self.policy, stats, step).items()})
         metrics.update({f"train/{n}": float(v) for n, v in prepared.stats.items()})
         adv = prepared.leaf_adv if prepared.leaf_adv is not None else torch.full_like(rewards, float("nan"))
@@ -130,6 +142,8 @@ class Trainer:
             "train/nfe": float(rollout.nfe),
             "train/edges_per_prompt": float(rollout.edge_x_next.shape[0] / g),
             "time/rollout_s": t_rollout - t0,
+            "time/reward_s": t_reward - t_rollout,
+            "time/update_s": t_update - t_reward,
             "iter_time_s": time.perf_counter() - t0,
         })
         return metrics

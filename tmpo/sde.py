@@ -142,3 +142,32 @@ def ratio_norm_log_ratio(log_prob_new: Tensor, log_prob_old: Tensor, mean_new: T
     """
     bias = gaussian_kl_equal_std(mean_new.detach(), mean_old, std)
     return log_prob_new - log_prob_old + bias
+
+
+KL_FORMS = ("exact", "flow_grpo")
+
+
+def reference_kl(
+    mean: Tensor, mean_ref: Tensor, std: Tensor, sigma: Tensor, sigma_next: Tensor, noise: str, form: str = "exact"
+) -> Tensor:
+    """Per-dim KL penalty of each transition to the reference policy's transition, ``[B]``.
+
+    * ``"exact"``: ``KL(N(mean, std^2) || N(mean_ref, std^2)) / d = ||mean - mean_ref||^2 / (2 std^2 d)``,
+      the true Gaussian KL of the stored step on the scale of :func:`transition_log_prob`.
+    * ``"flow_grpo"``: the quantity Flow-GRPO's (and GARDO's) code penalises,
+      ``||mean - mean_ref||^2 / (2 s^2 d)`` with ``s`` the std output of its step function: for ``"sde"``
+      that is ``s_t = eta sqrt(sigma / (1 - sigma))`` *without* the ``sqrt(|dt|)`` of the noise std
+      (``std = s_t sqrt(|dt|)``), so the penalty is ``|dt|`` times the exact KL (the maintainers say
+      ``|dt|`` is absorbed into ``beta_KL``, flow_grpo issues #22/#78); for ``"cps"`` its std output is
+      the true noise std ``sigma_next sin(eta pi / 2)``, so both forms coincide.
+
+    ``beta_KL`` values of the baselines' papers (0.03, 0.04) are calibrated for their code's form.
+    """
+    if form not in KL_FORMS:
+        raise ValueError(f"unknown KL form {form!r}; valid options: {', '.join(KL_FORMS)}")
+    if noise not in NOISE_TYPES:
+        raise ValueError(f"unknown noise type {noise!r}; valid options: {', '.join(NOISE_TYPES)}")
+    kl = gaussian_kl_equal_std(mean, mean_ref, std)
+    if form == "flow_grpo" and noise == "sde":
+        kl = kl * (torch.as_tensor(sigma, dtype=kl.dtype) - torch.as_tensor(sigma_next, dtype=kl.dtype)).abs()
+    return kl

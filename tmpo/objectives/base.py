@@ -8,6 +8,14 @@ import torch
 from torch import Tensor
 
 from tmpo.samplers.rollout import Rollout
+from tmpo.sde import KL_FORMS
+
+
+def check_kl_form(kl_form: str) -> str:
+    """``kl_form`` if it is one of :data:`tmpo.sde.KL_FORMS`, else a ValueError naming the options."""
+    if kl_form not in KL_FORMS:
+        raise ValueError(f"objective.kl_form={kl_form!r} is not a KL form; valid options: {', '.join(KL_FORMS)}")
+    return kl_form
 
 
 @dataclass
@@ -32,17 +40,24 @@ class Minibatch:
     latent_dim: int  # d, to turn per-dim-mean log-probs into sums when asked
 
     @staticmethod
-    def of_groups(rollout: Rollout, groups: Tensor) -> "Minibatch":
-        leaf_ids = torch.nonzero(torch.isin(rollout.group, groups)).squeeze(1)
-        edge_ids = torch.nonzero(torch.isin(rollout.edge_group, groups)).squeeze(1)
+    def of_leaves(rollout: Rollout, leaf_ids: Tensor) -> "Minibatch":
+        """The given leaves (sorted) and every stored edge on their trajectories."""
+        leaf_ids = torch.sort(leaf_ids).values
+        path = rollout.path[leaf_ids]
+        edge_ids = torch.nonzero(path.sum(0) > 0).squeeze(1)
         return Minibatch(
             leaf_ids=leaf_ids,
             edge_ids=edge_ids,
-            path=rollout.path[leaf_ids][:, edge_ids],
+            path=path[:, edge_ids],
             edge_is_prior=rollout.edge_is_prior[edge_ids],
             log_prob_old=rollout.edge_log_prob_old[edge_ids],
             latent_dim=rollout.latent_dim,
         )
+
+    @staticmethod
+    def of_groups(rollout: Rollout, groups: Tensor) -> "Minibatch":
+        """Whole groups: their leaves and all their stored edges (a tree's shared edges stay together)."""
+        return Minibatch.of_leaves(rollout, torch.nonzero(torch.isin(rollout.group, groups)).squeeze(1))
 
 
 class Objective:
@@ -55,6 +70,7 @@ class Objective:
     """
 
     kl_coef: float = 0.0
+    kl_form: str = "exact"  # units of the KL penalty: "exact" Gaussian KL or "flow_grpo" (tmpo.sde.reference_kl)
     log_prob_reduction: str = "mean"  # "mean" (paper eq. 49) or "sum" over latent dims
 
     def prepare(

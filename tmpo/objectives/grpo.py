@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from tmpo.objectives.advantages import group_zscore
-from tmpo.objectives.base import Minibatch, Objective, Prepared
+from tmpo.objectives.base import Minibatch, Objective, Prepared, check_kl_form
 from tmpo.objectives.ppo import clip_fraction, clipped_surrogate
 from tmpo.samplers.rollout import Rollout
 
@@ -23,6 +23,8 @@ class GRPOObjective(Objective):
     Args:
         clip_eps: clip range (TMPO paper App. D.5 comparison setting: 0.2; Flow-GRPO's code uses 1e-4).
         kl_coef: KL-to-reference coefficient (0.03 in the paper's comparisons).
+        kl_form: units of the KL (:func:`tmpo.sde.reference_kl`): ``"flow_grpo"`` (default, the form its
+            ``kl_coef`` was tuned for: no ``|dt|`` under ``noise=sde``) or ``"exact"``.
         global_std: divide by the std over the whole batch instead of each group's (Flow-GRPO option).
         adv_clip: clamp advantages to ``[-adv_clip, adv_clip]`` (Flow-GRPO: 5).
         std_eps: added to the std (Flow-GRPO: 1e-4; MixGRPO: 1e-8).
@@ -40,9 +42,11 @@ class GRPOObjective(Objective):
         unbiased_std: bool = False,
         ratio_norm: bool = False,
         log_prob_reduction: str = "mean",
+        kl_form: str = "flow_grpo",
     ) -> None:
         self.clip_eps = clip_eps
         self.kl_coef = kl_coef
+        self.kl_form = check_kl_form(kl_form)
         self.global_std = global_std
         self.adv_clip = adv_clip
         self.std_eps = std_eps
@@ -72,4 +76,8 @@ class GRPOObjective(Objective):
             adv = prepared.leaf_adv[mb.leaf_ids[leaf_idx]]
         ratio = torch.exp(log_r[edge_idx])
         loss = -clipped_surrogate(ratio, adv, self.clip_eps).mean()
-        return loss, {"ratio_mean": ratio.detach().mean(), "clip_frac": clip_fraction(ratio, self.clip_eps)}
+        return loss, {
+            "ratio_mean": ratio.detach().mean(),
+            "clip_frac": clip_fraction(ratio, self.clip_eps),
+            "log_ratio_absmax": log_r[edge_idx].detach().abs().max(),
+        }

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from tmpo.objectives.advantages import linear_warmup, softmax_tb_advantage, uniform_policy_advantage
-from tmpo.objectives.base import Minibatch, Objective, Prepared
+from tmpo.objectives.base import Minibatch, Objective, Prepared, check_kl_form
 from tmpo.objectives.ppo import clip_fraction, clipped_surrogate
 from tmpo.samplers.rollout import Rollout
 
@@ -26,6 +26,9 @@ class SoftmaxTBObjective(Objective):
             an ablation of the policy term).
         kl_coef: weight of the KL penalty to the reference policy added by the loop (App. D.3 step 6;
             the paper gives no value).
+        kl_form: units of that KL (:func:`tmpo.sde.reference_kl`). The paper names no form; we use the
+            ``"exact"`` Gaussian KL, the same per-dim density the ratios use. Under the paper's CPS noise
+            it equals Flow-GRPO's code form, so ``kl_coef`` means the same as the baselines' there.
         log_prob_reduction: ``"mean"`` over latent dims (eq. 49, default) or ``"sum"`` (true densities).
     """
 
@@ -39,6 +42,7 @@ class SoftmaxTBObjective(Objective):
         policy_term: str = "trajectory",
         kl_coef: float = 0.0,
         log_prob_reduction: str = "mean",
+        kl_form: str = "exact",
     ) -> None:
         if policy_term not in POLICY_TERMS:
             raise ValueError(f"policy_term must be one of {POLICY_TERMS}, got {policy_term!r}")
@@ -47,6 +51,7 @@ class SoftmaxTBObjective(Objective):
         self.ratio_norm = ratio_norm
         self.policy_term = policy_term
         self.kl_coef = kl_coef
+        self.kl_form = check_kl_form(kl_form)
         self.log_prob_reduction = log_prob_reduction
 
     def beta(self, step: int) -> float:
@@ -72,4 +77,8 @@ class SoftmaxTBObjective(Objective):
         ratio = torch.exp(log_w)
         adv = prepared.leaf_adv[mb.leaf_ids]
         loss = -clipped_surrogate(ratio, adv, self.clip_eps).mean()
-        return loss, {"ratio_mean": ratio.detach().mean(), "clip_frac": clip_fraction(ratio, self.clip_eps)}
+        return loss, {
+            "ratio_mean": ratio.detach().mean(),
+            "clip_frac": clip_fraction(ratio, self.clip_eps),
+            "log_ratio_absmax": log_w.detach().abs().max(),
+        }

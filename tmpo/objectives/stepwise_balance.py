@@ -37,9 +37,10 @@ class StepwiseBalanceObjective(GRPOObjective):
 
     def __init__(
         self, beta_start: float = 0.8, beta_end: float = 2.0, beta_warmup_steps: int = 150, clip_eps: float = 0.2,
-        kl_coef: float = 0.0, ratio_norm: bool = True, log_prob_reduction: str = "mean",
+        kl_coef: float = 0.0, ratio_norm: bool = True, log_prob_reduction: str = "mean", kl_form: str = "exact",
     ) -> None:
-        super().__init__(clip_eps=clip_eps, kl_coef=kl_coef, ratio_norm=ratio_norm, log_prob_reduction=log_prob_reduction)
+        super().__init__(clip_eps=clip_eps, kl_coef=kl_coef, ratio_norm=ratio_norm, log_prob_reduction=log_prob_reduction,
+                         kl_form=kl_form)
         self.beta_start, self.beta_end, self.beta_warmup_steps = beta_start, beta_end, beta_warmup_steps
 
     def prepare(

@@ -121,7 +121,8 @@ class IndependentPlan(Plan):
 
     ``sde_steps``: stochastic steps (``None`` = all); ``train_steps``: the stochastic steps stored for
     training (``None`` = all SDE steps but the last, Flow-GRPO's ``timestep_fraction = 0.99``, which
-    skips the last step whose tiny sigma makes the log-prob overflow). ``same_initial_noise=True``
+    skips the last step whose tiny sigma makes the log-prob overflow); ``train_fraction`` instead trains
+    the first ``int(n_sde * train_fraction)`` SDE steps, as the baselines' ``timestep_fraction`` (GARDO: 0.7). ``same_initial_noise=True``
     shares x_T within the group (Flow-GRPO ``same_latent``): the group then splits at the first SDE step.
     With ``sde_steps="branch_schedule"`` the stochastic steps are drawn like TMPO's tree positions
     (``tree``), so "w/o tree" differs from TMPO only in prefix sharing.
@@ -130,8 +131,15 @@ class IndependentPlan(Plan):
     group_size: int = 27
     sde_steps: Sequence[int] | str | None = None
     train_steps: Sequence[int] | None = None
+    train_fraction: float | None = None
     same_initial_noise: bool = False
     tree: DynamicTreePlan | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_steps is not None and self.train_fraction is not None:
+            raise ValueError("sampler.plan: set train_steps or train_fraction, not both")
+        if self.train_fraction is not None and not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"sampler.plan.train_fraction must be in (0, 1], got {self.train_fraction}")
 
     def make(self, step: int, total_steps: int, num_steps: int, rng: np.random.Generator) -> RolloutPlan:
         if self.sde_steps == "branch_schedule":
@@ -142,7 +150,10 @@ class IndependentPlan(Plan):
             train = sde
         else:
             sde = list(range(1, num_steps + 1)) if self.sde_steps is None else [int(s) for s in self.sde_steps]
-            train = sde[:-1] if self.train_steps is None else [int(s) for s in self.train_steps]
+            if self.train_fraction is not None:
+                train = sde[: max(1, int(len(sde) * self.train_fraction))]
+            else:
+                train = sde[:-1] if self.train_steps is None else [int(s) for s in self.train_steps]
         if not set(train) <= set(sde):
             raise ValueError(f"train_steps {train} must be a subset of sde_steps {sde}")
         if any(s < 1 or s > num_steps for s in sde):
