@@ -14,7 +14,14 @@ the LoRA weights stay float32 (peft's ``autocast_adapter_dtype``), and the polic
 the dtype the samplers use for latents, noise, transition means and log-probs -- is always float32:
 bf16 log-prob ratios would be noise. :meth:`_velocity` casts in and out.
 
-Prompt embeddings are computed once per distinct prompt and cached on the policy's device.
+Prompt embeddings are computed once per distinct prompt and cached on the compute device.
+
+Devices: the models run on ``device`` (``compute_device``); the *state* -- latents, noise, transition
+means, log-probs, the whole rollout -- lives on ``state_device``, which is what :attr:`device` reports to
+the samplers and the update. The default ``state_device: cpu`` keeps the shared loop's index
+bookkeeping on one device whatever the accelerator (a latent is 256 KB at 512 px, so the copies cost
+little) and leaves GPU memory to the transformer; :meth:`_velocity` moves its inputs to the compute
+device and the velocity back, gradients flow through the copies.
 """
 
 from __future__ import annotations
@@ -75,7 +82,8 @@ class DiffusersFlowPolicy(FlowPolicy):
         tiny: build a random-weight model of the same classes instead (:mod:`tmpo.policies.tiny_diffusers`
             component overrides; ``{}`` = the defaults). Exclusive with ``pretrained``.
         seed: seed of the tiny model's weights.
-        device: where every component lives (``cuda``, ``cuda:1``, ``cpu``).
+        device: where every model runs (``cuda``, ``cuda:1``, ``cpu``).
+        state_device: where latents, noise, means, log-probs and rollouts live (see the module doc).
         dtype: transformer and text-encoder precision, ``bf16 | fp16 | fp32``.
         vae_dtype: VAE precision (fp32 by default, as Flow-GRPO decodes).
         resolution: image side in pixels (512 in the paper).
@@ -98,6 +106,7 @@ class DiffusersFlowPolicy(FlowPolicy):
         tiny: Mapping[str, Any] | None = None,
         seed: int = 0,
         device: str = "cpu",
+        state_device: str = "cpu",
         dtype: str = "bf16",
         vae_dtype: str = "fp32",
         resolution: int = 512,
@@ -110,6 +119,7 @@ class DiffusersFlowPolicy(FlowPolicy):
         if (pretrained is None) == (tiny is None):
             raise ValueError("give exactly one of model.pretrained (hub id or local folder) and model.tiny (test model)")
         self.compute_dtype, self.vae_dtype = resolve_dtype(dtype), resolve_dtype(vae_dtype)
+        self.state_device = torch.device(state_device)
         self.resolution, self.max_sequence_length = int(resolution), int(max_sequence_length)
         self.decode_batch_size = int(decode_batch_size)
         components = self._load_components(pretrained, revision, variant, local_files_only, _plain(tiny), seed)
@@ -173,6 +183,12 @@ class DiffusersFlowPolicy(FlowPolicy):
     # --- FlowPolicy interface ----------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Where the samplers keep latents and the rollout (``state_device``)."""
+        return self.state_device
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the transformer, VAE and text encoders run."""
         return next(self.vae.parameters()).device
 
     @property
@@ -209,7 +225,7 @@ class DiffusersFlowPolicy(FlowPolicy):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             embeds, pooled = self._encode_uncached(missing)
-            dev = self.device
+            dev = self.compute_device
             for i, p in enumerate(missing):
                 self._prompt_cache[p] = (embeds[i].to(dev, self.compute_dtype), pooled[i].to(dev, self.compute_dtype))
         pairs = [self._prompt_cache[p] for p in prompts]
@@ -221,14 +237,14 @@ class DiffusersFlowPolicy(FlowPolicy):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images ``[N, 3, H, W]`` in [0, 1] (float32), ``decode_batch_size`` at a time."""
+        """Latents -> images ``[N, 3, H, W]`` in [0, 1] (float32, on the state device), ``decode_batch_size`` at a time."""
         cfg = self.vae.config
         shift = getattr(cfg, "shift_factor", None) or 0.0
         out = []
         for chunk in torch.split(latents, self.decode_batch_size):
-            z = (chunk.to(self.device, torch.float32) / cfg.scaling_factor + shift).to(self.vae_dtype)
+            z = (chunk.to(self.compute_device, torch.float32) / cfg.scaling_factor + shift).to(self.vae_dtype)
             image = self.vae.decode(z, return_dict=False)[0]
-            out.append((image.float() / 2 + 0.5).clamp(0, 1))
+            out.append((image.float() / 2 + 0.5).clamp(0, 1).to(self.state_device))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -236,8 +252,8 @@ class DiffusersFlowPolicy(FlowPolicy):
         """Images in [0, 1] -> latents (VAE posterior mean, scaled as :meth:`decode` expects)."""
         cfg = self.vae.config
         shift = getattr(cfg, "shift_factor", None) or 0.0
-        dist = self.vae.encode((images.to(self.device, self.vae_dtype) * 2 - 1), return_dict=False)[0]
-        return ((dist.mean.float() - shift) * cfg.scaling_factor).float()
+        dist = self.vae.encode((images.to(self.compute_device, self.vae_dtype) * 2 - 1), return_dict=False)[0]
+        return ((dist.mean.float() - shift) * cfg.scaling_factor).to(self.state_device)
 
     # --- LoRA helpers -------------------------------------------------------------------------
     def lora_state_dict(self, adapter_name: str = "default") -> dict[str, Tensor]:

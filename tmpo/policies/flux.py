@@ -78,13 +78,13 @@ class FluxPolicy(DiffusersFlowPolicy):
 
     def _encode_uncached(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         embeds, pooled, _ = self.encoder_pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            prompt=prompts, prompt_2=None, device=self.compute_device, max_sequence_length=self.max_sequence_length
         )
         return embeds, pooled
 
     def _velocity(self, net: nn.Module, x: Tensor, sigma: Tensor, cond: PromptEmbeddings, index: Tensor) -> Tensor:
-        dev, dt = self.device, self.compute_dtype
-        index = index.to(dev)  # samplers and the update may index on the CPU
+        dev, dt = self.compute_device, self.compute_dtype
+        index = index.to(dev)  # the rollout's indices live on the state device
         n, _, h, w = x.shape
         guidance = torch.full((n,), self.guidance, device=dev, dtype=torch.float32) if self.guidance else None
         text_ids = torch.zeros(cond.embeds.shape[1], 3, device=dev, dtype=dt)
@@ -98,4 +98,4 @@ class FluxPolicy(DiffusersFlowPolicy):
             img_ids=latent_image_ids(h, w, dev, dt),
             return_dict=False,
         )[0]
-        return unpack_latents(out, h, w).float()
+        return unpack_latents(out, h, w).float().to(x.device)  # back to the state device, in float32

@@ -58,7 +58,7 @@ class SD3Policy(DiffusersFlowPolicy):
 
     def _encode_uncached(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         embeds, _, pooled, _ = self.encoder_pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.compute_device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
         return embeds, pooled
@@ -72,8 +72,8 @@ class SD3Policy(DiffusersFlowPolicy):
         return PromptEmbeddings(embeds, pooled, extra)
 
     def _velocity(self, net: nn.Module, x: Tensor, sigma: Tensor, cond: PromptEmbeddings, index: Tensor) -> Tensor:
-        dev, dt = self.device, self.compute_dtype
-        index = index.to(dev)  # samplers and the update may index on the CPU
+        dev, dt = self.compute_device, self.compute_dtype
+        index = index.to(dev)  # the rollout's indices live on the state device
         n = x.shape[0]
         hidden, t = x.to(dev, dt), (sigma.to(dev, torch.float32) * 1000).to(dt).expand(n)
         embeds, pooled = cond.embeds[index], cond.pooled[index]
@@ -86,7 +86,7 @@ class SD3Policy(DiffusersFlowPolicy):
             pooled = torch.cat([cond.extra["neg_pooled"].expand(n, -1), pooled])
         out = net(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
         out = out.float()
-        if not cfg:
-            return out
-        v_neg, v_pos = out.chunk(2)
-        return v_neg + self.guidance_scale * (v_pos - v_neg)
+        if cfg:
+            v_neg, v_pos = out.chunk(2)
+            out = v_neg + self.guidance_scale * (v_pos - v_neg)  # the guided velocity, in float32
+        return out.to(x.device)  # back to the state device
