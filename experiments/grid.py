@@ -19,12 +19,13 @@ from tmpo.run import build_trainer, compose_config
 def run_cell(overrides: Sequence[str], run_dir: Path) -> dict:
     """Train one config (or reuse a finished run) and return its summary plus the final EMA policy."""
     summary_path = run_dir / "summary.json"
-    cfg = compose_config([f"run_dir={run_dir}", "logger=none", "trainer.progress=false", *overrides])
+    # resume=auto: a finished run is reused, an interrupted one continues from its checkpoint
+    cfg = compose_config([f"run_dir={run_dir}", "logger=none", "trainer.progress=false", "resume=auto", *overrides])
     trainer = build_trainer(cfg)
     if summary_path.exists():
         trainer.load(run_dir / "checkpoints" / "latest.pt")
         return {"summary": json.loads(summary_path.read_text()), "trainer": trainer}
-    summary = trainer.run(resume=run_dir if (run_dir / "checkpoints" / "latest.pt").exists() else None)  # writes summary.json
+    summary = trainer.run()  # writes summary.json
     return {"summary": summary, "trainer": trainer}
 
 
