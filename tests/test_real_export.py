@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
 
-from hydra.utils import instantiate  # noqa: E402
+from hydra.utils import instantiate
 
-from tmpo.checkpoint import load_checkpoint  # noqa: E402
-from tmpo.export import diffusers_lora_keys, export_lora, main  # noqa: E402
-from tmpo.policies.flux import latent_image_ids, pack_latents, unpack_latents  # noqa: E402
-from tmpo.policies.tiny_diffusers import build_tiny_pipeline  # noqa: E402
-from tmpo.run import compose_config, train  # noqa: E402
-from tmpo.samplers import sample_ode  # noqa: E402
+from tmpo.checkpoint import load_checkpoint
+from tmpo.export import diffusers_lora_keys, export_lora, main
+from tmpo.policies.flux import latent_image_ids, pack_latents, unpack_latents
+from tmpo.policies.tiny_diffusers import build_tiny_pipeline
+from tmpo.run import compose_config, train
+from tmpo.samplers import sample_ode
 
 PROMPTS = ["a photo of a red circle", "two blue squares"]
 MODELS = {"flux": "flux_tiny", "sd3": "sd35_tiny"}

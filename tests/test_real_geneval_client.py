@@ -13,9 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-pytest.importorskip("requests")
 
-from tmpo.rewards.geneval_client import (  # noqa: E402
+from tmpo.rewards.geneval_client import (
     GenEvalServerClient, GenEvalServerError, GenEvalServerMetric, GenEvalServerReward, per_tag_accuracy, split_chunks,
 )
 

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
 
-from tmpo.policies.diffusers_policy import PromptEmbeddings, calculate_shift  # noqa: E402
-from tmpo.policies.flux import FluxPolicy, latent_image_ids, pack_latents, unpack_latents  # noqa: E402
-from tmpo.policies.sd3 import SD3Policy  # noqa: E402
-from tmpo.policies.tiny_diffusers import build_tiny_pipeline  # noqa: E402
-from tmpo.samplers import sample_ode  # noqa: E402
+from tmpo.policies.diffusers_policy import PromptEmbeddings, calculate_shift
+from tmpo.policies.flux import FluxPolicy, latent_image_ids, pack_latents, unpack_latents
+from tmpo.policies.sd3 import SD3Policy
+from tmpo.policies.tiny_diffusers import build_tiny_pipeline
+from tmpo.samplers import sample_ode
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of a red circle", "two blue squares"]

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("open_clip")
 
-from tmpo.metrics.diversity import cosine_diversity  # noqa: E402
-from tmpo.metrics.dinov2 import DINOv2Features  # noqa: E402
-from tmpo.real_prompts import FilePrompts, read_prompt_file  # noqa: E402
-from tmpo.rewards.real_imagereward import ImageRewardModel, ImageRewardReward, TINY, convert_imagereward_state_dict  # noqa: E402
-from tmpo.rewards.real_preference import HPSv21Reward, PickScoreReward  # noqa: E402
+from tmpo.metrics.diversity import cosine_diversity
+from tmpo.metrics.dinov2 import DINOv2Features
+from tmpo.real_prompts import FilePrompts, read_prompt_file
+from tmpo.rewards.real_imagereward import ImageRewardModel, ImageRewardReward, TINY, convert_imagereward_state_dict
+from tmpo.rewards.real_preference import HPSv21Reward, PickScoreReward
 
 PROMPTS = ["a photo of a red circle", "two blue squares", "a photo of a cat", "a green triangle above a square"]
 
