@@ -252,3 +252,18 @@ def test_cli_run_on_tiny_flux(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
+def test_gpu_benchmark_script_runs_on_the_tiny_model(tmp_path):
+    from experiments.bench_real import main
+    from tmpo.policies.tiny_diffusers import FLUX_FULL
+
+    out = tmp_path / "bench.md"
+    main(["--size", "tiny", "--device", "cpu", "--methods", "tmpo", "--iters", "1", "--warmup", "0", "--out", str(out)])
+    table = out.read_text().splitlines()
+    assert table[-1].startswith("| tmpo | 27 | 1 |")
+    # the full-size spec is the released FLUX.1-dev shape: 16 latent channels packed 2x2, T5/CLIP widths
+    t = FLUX_FULL["transformer"]
+    assert t["in_channels"] == 4 * FLUX_FULL["vae"]["latent_channels"] == 64
+    assert t["joint_attention_dim"] == FLUX_FULL["t5"]["d_model"] and t["pooled_projection_dim"] == FLUX_FULL["clip"]["hidden_size"]
+    assert sum(t["axes_dims_rope"]) == t["attention_head_dim"]

@@ -122,7 +122,7 @@ class DiffusersFlowPolicy(FlowPolicy):
         self.state_device = torch.device(state_device)
         self.resolution, self.max_sequence_length = int(resolution), int(max_sequence_length)
         self.decode_batch_size = int(decode_batch_size)
-        components = self._load_components(pretrained, revision, variant, local_files_only, _plain(tiny), seed)
+        components = self._load_components(pretrained, revision, variant, local_files_only, _plain(tiny), seed, device)
         self.net = components.pop("transformer").eval()  # no dropout in these models; eval for determinism
         self.vae = components.pop("vae").requires_grad_(False).eval()
         self.scheduler_config = dict(components.pop("scheduler").config)
@@ -144,11 +144,11 @@ class DiffusersFlowPolicy(FlowPolicy):
     def _pipeline_class(cls) -> type:
         raise NotImplementedError
 
-    def _load_components(self, pretrained, revision, variant, local_files_only, tiny, seed) -> dict[str, Any]:
+    def _load_components(self, pretrained, revision, variant, local_files_only, tiny, seed, device) -> dict[str, Any]:
         if tiny is not None:
             from tmpo.policies.tiny_diffusers import build_tiny_components
 
-            return build_tiny_components(self.family, tiny, seed)
+            return build_tiny_components(self.family, tiny, seed, device)
         try:
             pipe = self._pipeline_class().from_pretrained(
                 pretrained, revision=revision, variant=variant, dtype=self.compute_dtype, local_files_only=local_files_only

@@ -56,6 +56,20 @@ SD3_TINY: dict[str, Any] = {
 }
 
 
+# Full-size FLUX.1-dev transformer and VAE (diffusers' defaults / the released configs) with one-layer
+# text encoders of FLUX's widths: random weights at the real cost, for GPU benchmarks without weights.
+FLUX_FULL: dict[str, Any] = {
+    "transformer": {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+                    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+                    "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]},
+    "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 16, "norm_num_groups": 32,
+            "use_quant_conv": False, "use_post_quant_conv": False, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+    "clip": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 1, "projection_dim": 768},
+    "t5": {"d_model": 4096, "d_kv": 64, "d_ff": 1024, "num_layers": 1, "num_heads": 64},
+    "max_length": 77,
+}
+
+
 def tiny_vocabulary() -> list[str]:
     """Special tokens, the mini world's caption words, single letters and digits (sign text), punctuation."""
     import string
@@ -125,13 +139,14 @@ def _vae(cfg: Mapping[str, Any]):
     )
 
 
-def build_tiny_components(family: str, spec: Mapping[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
+def build_tiny_components(family: str, spec: Mapping[str, Any] | None = None, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Random-weight pipeline components (the ``FluxPipeline`` / ``StableDiffusion3Pipeline`` kwargs).
 
     Args:
         family: ``"flux"`` or ``"sd3"``.
-        spec: per-component overrides of :data:`FLUX_TINY` / :data:`SD3_TINY`.
-        seed: the weights are a function of ``(family, spec, seed)`` only.
+        spec: per-component overrides of :data:`FLUX_TINY` / :data:`SD3_TINY` (:data:`FLUX_FULL` for the real sizes).
+        seed: the weights are a function of ``(family, spec, seed)`` only (on one device type).
+        device: where the weights are created and initialised (``cuda`` for full-size models).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
 
@@ -140,8 +155,7 @@ def build_tiny_components(family: str, spec: Mapping[str, Any] | None = None, se
     cfg = _merged(FLUX_TINY if family == "flux" else SD3_TINY, spec)
     vocab = tiny_vocabulary()
     n_vocab, max_len = len(vocab), int(cfg["max_length"])
-    fork = torch.random.fork_rng(devices=[])
-    with fork:
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         out: dict[str, Any] = {"vae": _vae(cfg["vae"]), "scheduler": FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])}
         if family == "flux":
