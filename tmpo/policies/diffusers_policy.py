@@ -81,7 +81,7 @@ class DiffusersFlowPolicy(FlowPolicy):
         local_files_only: never reach the network while loading (download beforehand, see README).
         tiny: build a random-weight model of the same classes instead (:mod:`tmpo.policies.tiny_diffusers`
             component overrides; ``{}`` = the defaults). Exclusive with ``pretrained``.
-        seed: seed of the tiny model's weights.
+        seed: seed of the tiny model's weights and of the LoRA initialisation (same seed, same adapter).
         device: where every model runs (``cuda``, ``cuda:1``, ``cpu``).
         state_device: where latents, noise, means, log-probs and rollouts live (see the module doc).
         dtype: transformer and text-encoder precision, ``bf16 | fp16 | fp32``.
@@ -136,7 +136,9 @@ class DiffusersFlowPolicy(FlowPolicy):
         self.encoder_pipe = self._pipeline_class()(transformer=None, vae=None, scheduler=None, **components)
         if gradient_checkpointing:
             self.net.enable_gradient_checkpointing()  # before peft wraps the model
-        self.setup_finetuning(_plain(lora))
+        with torch.random.fork_rng(devices=[]):  # peft draws the LoRA init from the global CPU generator
+            torch.default_generator.manual_seed(seed)
+            self.setup_finetuning(_plain(lora))
         self._prompt_cache: dict[str, tuple[Tensor, Tensor]] = {}
 
     # --- loading -----------------------------------------------------------------------------
