@@ -163,6 +163,11 @@ def test_every_method_and_ablation_runs_on_the_toy(tmp_path, overrides):
         assert math.isfinite(summary[key])
     assert train_rows[-1]["train/log_prob_drift"] > 0  # the second inner epoch sees a moved policy
     assert train_rows[-1]["train/log_ratio_absmax"] > 0  # later optimizer steps see moved ratios
+    lrs = [r["train/lr"] for r in train_rows]
+    if overrides[0] in ("method=flow_grpo", "method=gardo", "method=mixgrpo", "method=treegrpo"):
+        assert lrs == [lrs[0]] * 3  # their code's constant learning rate
+    else:
+        assert lrs[0] > lrs[1] > lrs[2]  # TMPO's cosine (App. D.4)
     if overrides == ["method=gardo"]:
         assert [r["train/reference_resets"] for r in train_rows][0] >= 0 and "train/kl_ref_all_max" in train_rows[-1]
 
