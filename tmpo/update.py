@@ -41,18 +41,19 @@ def kl_parent_weights(rollout: Rollout, mb: Minibatch, leaf_weight: Tensor | Non
     trainable = (~mb.edge_is_prior).to(mb.path.dtype)
     path = mb.path * trainable[None, :]
     steps = path.sum(dim=1).clamp(min=1.0)
-    w = torch.ones(mb.leaf_ids.numel(), dtype=path.dtype) if leaf_weight is None else leaf_weight[mb.leaf_ids].to(path.dtype)
+    dev = path.device
+    w = torch.ones(mb.leaf_ids.numel(), dtype=path.dtype, device=dev) if leaf_weight is None else leaf_weight[mb.leaf_ids].to(path.dtype)
     total = w.sum()
-    edge_w = (w / steps) @ path / total if total > 0 else torch.zeros(path.shape[1], dtype=path.dtype)
-    out = torch.zeros(parent_ids.numel(), dtype=path.dtype)
+    edge_w = (w / steps) @ path / total if total > 0 else torch.zeros(path.shape[1], dtype=path.dtype, device=dev)
+    out = torch.zeros(parent_ids.numel(), dtype=path.dtype, device=dev)
     out.index_add_(0, _local_index(rollout, parent_ids)[rollout.edge_parent[mb.edge_ids]], edge_w)
     return out, total / max(mb.leaf_ids.numel(), 1)
 
 
 def _local_index(rollout: Rollout, parent_ids: Tensor) -> Tensor:
     """``[P]`` map from a global parent id to its row in ``parent_ids`` (-1 if absent)."""
-    local = torch.full((rollout.parent_x.shape[0],), -1, dtype=torch.long)
-    local[parent_ids] = torch.arange(parent_ids.numel())
+    local = torch.full((rollout.parent_x.shape[0],), -1, dtype=torch.long, device=parent_ids.device)
+    local[parent_ids] = torch.arange(parent_ids.numel(), device=parent_ids.device)
     return local
 
 
@@ -73,17 +74,19 @@ def split_minibatches(rollout: Rollout, n: int, split: str, generator: torch.Gen
         raise ValueError(f"trainer.minibatch_split={split!r} is not a split; valid options: {', '.join(MINIBATCH_SPLITS)}")
     if n < 1:
         raise ValueError(f"trainer.minibatches must be >= 1, got {n}")
+    dev = rollout.group.device  # splits are drawn on the CPU generator, then indexed on the rollout's device
     if split == "groups":
         n = min(n, rollout.num_groups)
-        return [Minibatch.of_groups(rollout, g) for g in torch.tensor_split(torch.arange(rollout.num_groups), n)]
+        return [Minibatch.of_groups(rollout, g.to(dev)) for g in torch.tensor_split(torch.arange(rollout.num_groups), n)]
     n_leaves = rollout.leaves.shape[0]
     if split == "leaves":
         n = min(n, n_leaves)
-        return [Minibatch.of_leaves(rollout, ids) for ids in torch.tensor_split(torch.randperm(n_leaves, generator=generator), n)]
+        parts = torch.tensor_split(torch.randperm(n_leaves, generator=generator), n)
+        return [Minibatch.of_leaves(rollout, ids.to(dev)) for ids in parts]
     k = rollout.group_size
     n = min(n, k)
     per_group = [torch.tensor_split(g * k + torch.randperm(k, generator=generator), n) for g in range(rollout.num_groups)]
-    return [Minibatch.of_leaves(rollout, torch.cat([parts[i] for parts in per_group])) for i in range(n)]
+    return [Minibatch.of_leaves(rollout, torch.cat([parts[i] for parts in per_group]).to(dev)) for i in range(n)]
 
 
 @torch.no_grad()
@@ -92,8 +95,9 @@ def reference_means(policy: FlowPolicy, rollout: Rollout, parent_chunk: int) -> 
 
     They do not change during an iteration (GARDO's reset swaps the reference only between
     iterations), so the update computes them once per rollout, not once per optimizer step."""
+    every_parent = torch.arange(rollout.parent_x.shape[0], device=rollout.edge_parent.device)
     with policy.reference():
-        return torch.cat([recompute_means(policy, rollout, c) for c in _chunks(torch.arange(rollout.parent_x.shape[0]), parent_chunk)])
+        return torch.cat([recompute_means(policy, rollout, c) for c in _chunks(every_parent, parent_chunk)])
 
 
 def _pass_one(policy: FlowPolicy, rollout: Rollout, mb: Minibatch, parent_ids: Tensor, edge_rows: Tensor,
@@ -139,12 +143,12 @@ def minibatch_gradient(
     if use_kl and ref_means is None:
         raise ValueError("objective.kl_coef > 0 needs the reference means (update.reference_means)")
     kl_w, weighted_share = kl_parent_weights(rollout, mb, prepared.kl_leaf_weight, parent_ids) if use_kl else (None, 0.0)
-    kl_total = torch.zeros(())
+    kl_total = torch.zeros((), device=lp.device)
     model_rows = torch.nonzero(~rollout.parent_is_prior[parent_ids]).squeeze(1)
     for rows in _chunks(model_rows, parent_chunk):
         ids = parent_ids[rows]
-        chunk_pos = torch.full((parent_ids.numel(),), -1, dtype=torch.long)
-        chunk_pos[rows] = torch.arange(rows.numel())
+        chunk_pos = torch.full((parent_ids.numel(),), -1, dtype=torch.long, device=rows.device)
+        chunk_pos[rows] = torch.arange(rows.numel(), device=rows.device)
         sel = torch.nonzero(chunk_pos[edge_rows] >= 0).squeeze(1)  # minibatch edges whose parent is in this chunk
         means_c = recompute_means(policy, rollout, ids)
         e_ids = mb.edge_ids[sel]
