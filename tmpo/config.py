@@ -6,6 +6,7 @@ import difflib
 import importlib
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -51,12 +52,35 @@ class RunConfig:
     ablation: str = "full"
     tags: dict[str, Any] = field(default_factory=dict)  # free-form labels copied to summary.json
     run_dir: str = "."
-    resume: str | None = None
+    resume: str | None = None  # null (fresh) | auto (this run dir's own checkpoint) | <run dir> (tmpo/resume.py)
+
+
+def resume_run_dir(resume: str) -> Path:
+    """The run directory ``resume=<path>`` continues: the path, or for ``<run dir>/checkpoints/<file>.pt``
+    the run dir that holds it."""
+    path = Path(resume)
+    if path.parent.name == "checkpoints" and (path.suffix == ".pt" or path.is_file()):
+        return path.parent.parent
+    return path
+
+
+def _hydra_run_dir(resume: Any, default: str) -> str:
+    """``hydra.run.dir`` resolver: ``resume=<path>`` runs in that run's own directory."""
+    return default if resume in (None, "", "auto") else str(resume_run_dir(str(resume)))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("tmpo_run_dir"):
+        OmegaConf.register_new_resolver("tmpo_run_dir", _hydra_run_dir)
 
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
+    register_resolvers()
+
+
+register_resolvers()  # also in processes that unpickle a job (submitit) and never import tmpo.run
 
 
 def _import(path: str) -> Any:

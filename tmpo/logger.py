@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from tmpo.checkpoint import write_json_atomic, write_text_atomic
+
+_log = logging.getLogger(__name__)
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -16,6 +21,30 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_metrics_lines(path: Path, warn: bool = True) -> list[str]:
+    """The complete rows of a ``metrics.jsonl``; a torn last line (a write killed midway) is dropped
+    with a warning naming the file, any other unreadable line is an error."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                if warn:
+                    _log.warning("%s: dropped its torn last line %d (%d characters; a write was interrupted): %r",
+                                 path, i, len(line), line[:80])
+                continue
+            raise ValueError(f"{path}: line {i} is not valid JSON ({e}); only a torn last line can be repaired, "
+                             "fix or delete that line to resume") from e
+        rows.append(line)
+    return rows
+
+
 class RunLogger:
     """Writes ``metrics.jsonl``/``summary.json`` in ``run_dir`` and mirrors to wandb when enabled.
 
@@ -24,40 +53,79 @@ class RunLogger:
         wandb: ``None`` (files only) or kwargs for ``wandb.init`` (``mode`` defaults to ``"offline"``,
             so no account is needed; set ``mode: online`` and ``project`` to sync).
         config: the resolved run config, stored with the wandb run.
+        wandb_id: the id of the wandb run to continue (stored in the checkpoint), with ``resume="allow"``.
     """
 
-    def __init__(self, run_dir: str | Path, wandb: dict | None = None, config: dict | None = None) -> None:
+    def __init__(self, run_dir: str | Path, wandb: dict | None = None, config: dict | None = None,
+                 wandb_id: str | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.rows = self.metrics_path.read_bytes().count(b"\n") if self.metrics_path.exists() else 0  # set exactly by resume_at/restart
         self._wandb = None
         if wandb is not None:
             import wandb as wandb_lib
 
-            kw = {"mode": "offline", "dir": str(self.run_dir), **dict(wandb)}
-            self._wandb = wandb_lib.init(config=config, **kw)
+            from tmpo.results.labels import run_labels, wandb_identity
+
+            labels = run_labels(config or {})  # the same labels as summary.json: tables read either
+            kw = {"mode": "offline", "dir": str(self.run_dir), **wandb_identity(labels), **dict(wandb)}
+            if wandb_id:
+                kw.update(id=wandb_id, resume="allow")  # a requeued job continues the same wandb run
+            self._wandb = wandb_lib.init(config={**(config or {}), "labels": labels}, **kw)
+        self.wandb_id: str | None = self._wandb.id if self._wandb is not None else None
+
+    def resume_at(self, step: int, rows: int | None = None) -> None:
+        """On resume, keep exactly what was logged up to the checkpoint: its first ``rows`` rows (recorded
+        in the checkpoint), or for older checkpoints the rows with ``step <= step``."""
+        lines = read_metrics_lines(self.metrics_path)
+        if rows is None:
+            keep = [ln for ln in lines if json.loads(ln).get("step", -1) <= step]
+        else:
+            if rows > len(lines):
+                _log.warning("%s has %d rows but the checkpoint at step %d was written after row %d: rows were lost",
+                             self.metrics_path, len(lines), step, rows)
+            keep = lines[:rows]
+        if len(keep) < len(lines):
+            _log.warning("%s: dropped %d row(s) logged after the checkpoint at step %d", self.metrics_path,
+                         len(lines) - len(keep), step)
+        self._rewrite(keep)
+
+    def restart(self) -> None:
+        """A run restarted from step 0 (no checkpoint was written): drop the rows its first attempt logged."""
+        lines = read_metrics_lines(self.metrics_path)
+        if lines:
+            _log.warning("%s: dropped %d row(s) of an attempt that stopped before its first checkpoint",
+                         self.metrics_path, len(lines))
+        self._rewrite([])
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpointed step so the file continues exactly."""
-        if not self.metrics_path.exists():
-            return
-        keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", -1) <= step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        """Drop rows logged after ``step`` (kept for callers of the older API)."""
+        self.resume_at(step)
+
+    def _rewrite(self, lines: list[str]) -> None:
+        if self.metrics_path.exists() or lines:
+            write_text_atomic("".join(ln + "\n" for ln in lines), self.metrics_path)
+        self.rows = len(lines)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, **_clean(metrics)}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        self.rows += 1
         if self._wandb is not None:
             self._wandb.log(row, step=step)
 
     def summary(self, metrics: dict[str, Any]) -> None:
         clean = _clean(metrics)
-        (self.run_dir / "summary.json").write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(clean, self.run_dir / "summary.json", sort_keys=True)
         if self._wandb is not None:
             self._wandb.summary.update(clean)
 
-    def finish(self) -> None:
+    def finish(self, preempting: bool = False) -> None:
+        """Close the wandb run; ``preempting`` tells wandb the run will be resumed (same id)."""
         if self._wandb is not None:
+            if preempting and hasattr(self._wandb, "mark_preempting"):
+                self._wandb.mark_preempting()
             self._wandb.finish()
             self._wandb = None
