@@ -55,7 +55,7 @@ def test_sigterm_checkpoints_its_iteration_and_resume_auto_finishes_bit_exactly(
     assert_same(train_rows(run_dir), train_rows(tmp_path / "straight"), "metrics.jsonl")
 
 
-@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGUSR2"])
+@pytest.mark.parametrize("signame", ["SIGUSR1", pytest.param("SIGUSR2", marks=pytest.mark.slow)])  # USR2: submitit's
 def test_scheduler_warning_signals_checkpoint_and_exit_for_requeue(tmp_path, signame):
     code, log, run_dir = _stopped_run(tmp_path, signame)
     assert code == REQUEUE_EXIT_CODE, log
