@@ -56,7 +56,7 @@ def test_resume_continues_exactly(tmp_path, method):
     first.train_step = preempted
     with pytest.raises(KeyboardInterrupt):
         first.run()
-    resumed = build_trainer(compose_run(args, tmp_path / "b"))
+    resumed = build_trainer(compose_run(args + ["resume=auto"], tmp_path / "b"))
     resumed.run(resume=tmp_path / "b")  # ... continues to step 4
     for (n, a), (_, b) in zip(straight.policy.trainable_named_parameters(), resumed.policy.trainable_named_parameters()):
         assert torch.equal(a, b), n

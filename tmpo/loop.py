@@ -7,11 +7,13 @@ atomic checkpoint. Components are injected; nothing here knows a method's, model
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -21,12 +23,16 @@ from tmpo.checkpoint import LATEST, load_checkpoint, save_atomic
 from tmpo.diagnostics import group_diagnostics
 from tmpo.ema import EMA
 from tmpo.evaluation import Evaluator
+from tmpo.faults import NonFiniteError, degenerate_advantages, eval_fault, rollout_fault
 from tmpo.logger import RunLogger
 from tmpo.objectives.base import Objective
 from tmpo.policies.base import FlowPolicy
 from tmpo.prompts import PromptSource
 from tmpo.samplers.sampler import FlowSampler
+from tmpo.signals import GracefulStop, Preempted
 from tmpo.update import policy_update
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +60,7 @@ class TrainerConfig:
     seed: int = 0
     threads: int | None = None  # torch.set_num_threads; None leaves it alone
     progress: bool = True
+    keep_last_good: bool = True  # CPU copy of the state at each iteration's start, checkpointed on a fault
 
 
 def _seed_for(seed: int, step: int, stream: int) -> int:
@@ -73,6 +80,7 @@ class Trainer:
         logger: RunLogger,
         cfg: TrainerConfig,
         run_dir: str | Path,
+        run_config: dict | None = None,
     ) -> None:
         self.policy, self.sampler, self.reward, self.objective = policy, sampler, reward, objective
         self.prompts, self.evaluator, self.logger, self.cfg = prompts, evaluator, logger, cfg
@@ -89,6 +97,13 @@ class Trainer:
         self.ema = EMA(named, decay=cfg.ema_decay, every=cfg.ema_every)
         self.step = 0
         self.base_metrics: dict[str, float] = {}
+        self.run_config = run_config  # the resolved run config, stored in checkpoints (a resume compares it)
+        self.resume_state: dict[str, Any] | None = None  # the checkpoint build_trainer chose (resume=auto|<dir>)
+        self.finished = False  # the loaded checkpoint is the end of a finished run
+        self._saved_summary: dict | None = None
+        self._saved_step: int | None = None
+        self._pending_good: dict | None = None  # state at this iteration's start, until its rollout is finite
+        self._last_good: dict | None = None  # the latest state whose rollout was finite (tmpo.faults)
 
     def _lr_factor(self, step: int) -> float:
         """Cosine annealing from 1 to ``lr_min_ratio`` over the run (App. D.4), or a constant 1."""
@@ -151,7 +166,9 @@ class Trainer:
     def score(self, rollout) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Decode and score the leaves -> ``(samples, rewards [L], reward info)``.
 
-        A non-finite or mis-shaped reward is an error, never zeroed."""
+        A non-finite or mis-shaped reward is an error, never zeroed; non-finite samples or log-probs are
+        named first as the policy's divergence (:meth:`check_rollout_finite`)."""
+        self.check_rollout_finite(rollout)
         with torch.no_grad():
             samples = self.policy.decode(rollout.leaves)
         k = rollout.group_size
@@ -162,17 +179,25 @@ class Trainer:
         if rewards.shape != (rollout.leaves.shape[0],):
             raise ValueError(f"reward returned shape {tuple(rewards.shape)}, expected [{rollout.leaves.shape[0]}]")
         if not bool(torch.isfinite(rewards).all()):
-            raise ValueError(f"reward returned non-finite values ({int((~torch.isfinite(rewards)).sum())} of {rewards.numel()})")
+            raise NonFiniteError(f"reward returned non-finite values ({int((~torch.isfinite(rewards)).sum())} of "
+                                 f"{rewards.numel()}) at iteration {self.step + 1}, on finite samples")
         return samples, rewards, dict(info or {})
 
     # --- evaluation, checkpoints ---------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        """Evaluate the EMA policy; a non-finite eval reward is an error, other non-finite metrics a warning."""
         if self.evaluator is None:
             return {}
         with self.ema.applied():
-            return self.evaluator(self.policy)
+            metrics = self.evaluator(self.policy)
+        error, others = eval_fault(metrics)
+        if error:
+            raise NonFiniteError(f"{error} (after iteration {self.step})")
+        if others:
+            _log.warning("evaluation after iteration %d: non-finite %s", self.step, ", ".join(others))
+        return metrics
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, finished: bool = False, summary: dict | None = None) -> dict[str, Any]:
         return {
             "step": self.step,
             "policy": self.policy.trainable_state(),
@@ -183,56 +208,171 @@ class Trainer:
             "objective": self.objective.state_dict(),
             "base_metrics": dict(self.base_metrics),
             "trainer_config": asdict(self.cfg),
+            "config": self.run_config,  # what a resume must match (tmpo.resume)
+            "wandb_run_id": getattr(self.logger, "wandb_id", None),  # a requeued job continues this wandb run
+            "metrics_rows": getattr(self.logger, "rows", None),  # metrics.jsonl rows logged up to this state
+            "finished": finished,
+            "summary": summary,
         }
 
-    def save(self) -> Path:
-        return save_atomic(self.state_dict(), self.run_dir / "checkpoints" / LATEST)
+    def save(self, finished: bool = False, summary: dict | None = None) -> Path:
+        path = save_atomic(self.state_dict(finished, summary), self.run_dir / "checkpoints" / LATEST)
+        self._saved_step = self.step
+        return path
 
-    def load(self, path: str | Path) -> None:
-        state = load_checkpoint(path)
+    def load(self, path: str | Path | dict[str, Any]) -> None:
+        """Restore a checkpoint (a path, or a state :func:`tmpo.checkpoint.load_checkpoint` returned)."""
+        state = path if isinstance(path, dict) else load_checkpoint(path)
+        if state.get("config") is not None and self.run_config is not None:
+            from tmpo.resume import compare_configs  # local import: tmpo.resume -> tmpo.config -> this module
+
+            compare_configs(state["config"], self.run_config, "the checkpoint" if isinstance(path, dict) else Path(path))
         self.policy.load_trainable_state(state["policy"])
         self.policy.load_reference_state(state.get("policy_reference"))
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.objective.load_state_dict(state["objective"])
+        try:
+            self.objective.load_state_dict(state["objective"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"the checkpoint's objective state does not fit {type(self.objective).__name__} ({e!r}); "
+                             "it was written by another method or objective") from e
         self.base_metrics = dict(state.get("base_metrics", {}))
         self.step = int(state["step"])
-        self.logger.truncate_after(self.step)
+        self.finished = bool(state.get("finished")) and self.step >= self.cfg.total_steps
+        self._saved_summary = state.get("summary")
+        self._saved_step = self.step
+        self._follow_new_total(state)
+        self.logger.resume_at(self.step, state.get("metrics_rows"))
+
+    def _follow_new_total(self, state: dict[str, Any]) -> None:
+        """After ``trainer.total_steps`` changed on resume, the next iteration's lr follows the new schedule
+        (the optimizer's saved lr was computed for the old total)."""
+        old_total = (state.get("trainer_config") or {}).get("total_steps")
+        if old_total is None or old_total == self.cfg.total_steps:
+            return
+        old_lr = self.optimizer.param_groups[0]["lr"]
+        lrs = [base * self._lr_factor(self.step) for base in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+        _log.warning("trainer.total_steps %s -> %s: the lr of iteration %d is %.4g (was %.4g on the old schedule)",
+                     old_total, self.cfg.total_steps, self.step + 1, lrs[0], old_lr)
+
+    # --- faults: the last good state -----------------------------------------------------------
+    def check_rollout_finite(self, rollout) -> None:
+        """Name a diverged policy (non-finite samples or log-probs) before the reward sees its samples;
+        a finite rollout marks the state it was sampled from as good."""
+        fault = rollout_fault(rollout, iteration=self.step + 1)
+        if fault:
+            raise NonFiniteError(fault)
+        if self._pending_good is not None:
+            self._last_good, self._pending_good = self._pending_good, None
+
+    def _snapshot(self) -> dict[str, Any]:
+        def to_cpu(x):
+            if isinstance(x, torch.Tensor):
+                return x.detach().to("cpu", copy=True)
+            if isinstance(x, dict):
+                return {k: to_cpu(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(to_cpu(v) for v in x)
+            return x
+
+        return to_cpu(self.state_dict())
+
+    def _checkpoint_last_good(self, error: Exception) -> NoReturn:
+        """Save the latest state whose rollout was finite (not the faulty one) and re-raise, naming it."""
+        good = self._last_good
+        if good is None:
+            raise error
+        path = save_atomic(good, self.run_dir / "checkpoints" / LATEST)
+        self._saved_step = None
+        where = f"after iteration {good['step']}" if good["step"] else "the initial state"
+        head = str(error) if isinstance(error, NonFiniteError) else f"iteration {self.step + 1}: {error}"
+        note = f"{head} -- the last good state ({where}, the latest whose samples were finite) is checkpointed at {path}"
+        raise type(error)(note) from error
+
+    def _stop(self, stop: GracefulStop) -> NoReturn:
+        path = self.save() if self._saved_step != self.step else self.run_dir / "checkpoints" / LATEST
+        raise Preempted(stop.signum, self.step, str(path))
 
     # --- the run -------------------------------------------------------------------------------
     def run(self, resume: str | Path | None = None) -> dict[str, float]:
-        """Train to ``total_steps`` (continuing from ``resume`` if given); return the summary."""
+        """Train to ``total_steps`` and return the summary, continuing from ``resume`` or from the checkpoint
+        :func:`tmpo.run.build_trainer` chose (``resume=auto|<dir>``).
+
+        A stop signal (SIGTERM, SIGUSR1, SIGUSR2, SIGINT) finishes the current iteration, checkpoints and
+        raises :class:`tmpo.signals.Preempted`; a non-finite rollout, reward or gradient checkpoints the
+        last good state and re-raises."""
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
-        if resume:
-            self.load(resume)
-        elif self.cfg.eval_base and self.evaluator is not None:
-            self.base_metrics = self.evaluate()
-            self.logger.log({f"base/{k}": v for k, v in self.base_metrics.items()}, step=0)
+        with GracefulStop() as stop:
+            if resume or self.resume_state is not None:
+                self.load(resume if resume else self.resume_state)
+                self.resume_state = None
+                if self.finished:
+                    return self._finished_summary()
+            elif self.cfg.eval_base and self.evaluator is not None:
+                self.base_metrics = self.evaluate()
+                self.logger.log({f"base/{k}": v for k, v in self.base_metrics.items()}, step=0)
+            last, times = self._train(stop)
+            if stop.requested:
+                self._stop(stop)
+            if self._saved_step != self.step:
+                self.save()  # a preemption during a long final eval loses no training
+            final = self.evaluate()
+            if final:
+                self.logger.log({f"eval/{k}": v for k, v in final.items()}, step=self.step)
+            summary = dict(final)
+            summary.update({f"base/{k}": v for k, v in self.base_metrics.items()})
+            summary["iter_time_s"] = float(np.mean(times)) if times else float("nan")
+            summary["steps"] = float(self.step)
+            if last:
+                summary["train/reward_mean_last"] = last["train/reward_mean"]
+            self.save(finished=True, summary=summary)
+            self.logger.summary(summary)
+            if stop.requested:
+                _log.warning("stop signal during the final evaluation: the run finished and is saved")
+        return summary
+
+    def _train(self, stop: GracefulStop) -> tuple[dict[str, float], list[float]]:
+        """The iterations from ``self.step`` to ``total_steps``; returns the last metrics row and iteration times."""
         last: dict[str, float] = {}
         times: list[float] = []
         bar = tqdm(range(self.step, self.cfg.total_steps), desc="train", disable=not self.cfg.progress,
                    initial=self.step, total=self.cfg.total_steps, mininterval=1.0)
-        for step in bar:
-            last = self.train_step(step)
-            times.append(last["iter_time_s"])
-            self.step = step + 1
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.total_steps:
-                last.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-            self.logger.log(last, step=self.step)
-            bar.set_postfix(reward=f"{last['train/reward_mean']:.3f}", refresh=False)
-            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                self.save()
-        final = self.evaluate()
-        if final:
-            self.logger.log({f"eval/{k}": v for k, v in final.items()}, step=self.step)
-        self.save()
-        summary = dict(final)
-        summary.update({f"base/{k}": v for k, v in self.base_metrics.items()})
-        summary["iter_time_s"] = float(np.mean(times)) if times else float("nan")
-        summary["steps"] = float(self.step)
-        if last:
-            summary["train/reward_mean_last"] = last["train/reward_mean"]
-        self.logger.summary(summary)
+        with bar:
+            for step in bar:
+                if stop.requested:
+                    break
+                if self.cfg.keep_last_good:
+                    self._pending_good = self._snapshot()
+                try:
+                    last = self.train_step(step)
+                except (NonFiniteError, FloatingPointError) as e:
+                    self._checkpoint_last_good(e)
+                times.append(last["iter_time_s"])
+                self.step = step + 1
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.total_steps:
+                    last.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                self.logger.log(last, step=self.step)
+                bar.set_postfix(reward=f"{last['train/reward_mean']:.3f}", refresh=False)
+                warning = degenerate_advantages(last, getattr(self.objective, "adv_clip", None))
+                if warning:
+                    _log.warning("iteration %d: %s", self.step, warning)
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self.save()
+        return last, times
+
+    def _finished_summary(self) -> dict[str, float]:
+        """A resumed run that already finished: report it, restore a missing summary.json, train nothing."""
+        path = self.run_dir / "summary.json"
+        summary = dict(self._saved_summary or {})
+        if not summary and path.exists():
+            summary = json.loads(path.read_text())
+        if not path.exists() and summary:
+            self.logger.summary(summary)
+        _log.warning("the run in %s is finished (step %d of %d): nothing to train; raise trainer.total_steps to "
+                     "continue it", self.run_dir, self.step, self.cfg.total_steps)
         return summary
