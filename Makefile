@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install run test test-slow toy science science-mini pretrain-mini bench clean
+.PHONY: install run test test-slow toy science science-mini pretrain-mini bench tables suite clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,18 @@ pretrain-mini: install  ## (re)train a mini base model; resumable: make pretrain
 
 bench: install  ## speed/memory benchmarks, written to results/bench/
 	$(PY) -m experiments.bench
+
+SCALE ?= mini
+SOURCE ?= local
+WANDB ?=
+TABLES_FLAGS ?=
+tables: install  ## the paper's Tables 1, 2, 5, 6 and Figs. 4, 6 from run summaries: results/$(SCALE)/ (SOURCE=wandb WANDB=<entity>/<project>)
+	$(PY) -m tmpo.results --scale $(SCALE) --source $(SOURCE) $(if $(WANDB),--wandb $(WANDB)) $(TABLES_FLAGS)
+
+BLOCKS ?= mini
+LANES ?= 2
+suite: install  ## run/resume table blocks (BLOCKS=mini | "mini/table1_geneval ..."), record finished runs in results/<scale>/records
+	$(PY) -m experiments.run_suite run $(BLOCKS) --lanes $(LANES)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
