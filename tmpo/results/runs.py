@@ -105,7 +105,8 @@ class LocalRuns:
 
     def run_dirs(self) -> list[Path]:
         if not self.root.is_dir():
-            raise FileNotFoundError(f"no run directory {self.root}; pass --runs <dir> (or --source wandb)")
+            raise FileNotFoundError(f"no run directory {self.root}: run the suite first (make suite), or pass --runs <dir> "
+                                    "or --source wandb")
         out = []
         for cfg in sorted(self.root.rglob("config.yaml")):
             rel = cfg.relative_to(self.root).parts[:-1]
