@@ -14,8 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from experiments.run_suite import BLOCKS, block_jobs
 from tmpo.config import to_container, validate_targets
-from tmpo.results.aggregate import flatten
 from tmpo.results.layout import ABLATION_ROWS, METHOD_ROWS, TABLES
+from tmpo.resume import flatten
 from tmpo.run import CONF_DIR, compose_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "experiment"

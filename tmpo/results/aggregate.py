@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from tmpo.results.layout import TABLES, TIME, Row, TableSpec, read_paper_numbers
+from tmpo.resume import flatten
 from tmpo.results.runs import RunRecord
 
 # Config keys that may differ between the seeds of one row: bookkeeping, not what a run computes.
@@ -38,16 +39,6 @@ class Options:
     partial: bool = False  # write tables with missing rows as "--" instead of failing
     allow_mixed_commits: bool = False
     skip_unfinished: bool = False  # ignore unfinished runs (e.g. a suite still running) instead of failing
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(flatten(v, key) if isinstance(v, Mapping) and v else {key: v})
-    return out
 
 
 def _drop(flat: dict[str, Any], prefixes: Iterable[str]) -> dict[str, Any]:
@@ -101,7 +92,7 @@ def select_runs(records: Iterable[RunRecord], opts: Options) -> tuple[list[RunRe
         if not r.finished:
             if not opts.skip_unfinished:
                 problems.append(f"unfinished run {r.run_id}: {r.why_unfinished}; resume it "
-                                "(python -m experiments.run_suite <block>) or pass --skip-unfinished")
+                                "(python -m experiments.run_suite run <block>) or pass --skip-unfinished")
             continue
         seen[tuple(r.labels.get(k) for k in ("table", "protocol", "row", "seed"))].append(r)
         keep.append(r)
@@ -197,7 +188,7 @@ def build_table(spec: TableSpec, records: list[RunRecord], opts: Options, paper:
         if missing and not opts.partial:
             where = ", ".join(_where(spec, r) for r in missing)
             problems.append(f"{spec.name}/{block.protocol}: no runs for row(s) {where}; "
-                            "run them (python -m experiments.run_suite <block>) or pass --partial")
+                            "run them (python -m experiments.run_suite run <block>) or pass --partial")
         present = {row: runs for row, runs in rows.items() if runs}
         problems += _check_block(spec, block.protocol, present, opts)
         all_runs = [r for runs in present.values() for r in runs]
