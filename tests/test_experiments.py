@@ -105,7 +105,11 @@ def test_mini_blocks_scale_iterations_and_warm_up_and_checkpoint_every_iteration
         assert cfg["trainer"]["threads"] == 1 and cfg["trainer"]["checkpoint_every"] == 1
         assert cfg["trainer"]["prompts_per_step"] == 4 and cfg["eval"]["samples_per_prompt"] == 10
         flow = compose(block, "no_tree" if "table2" in block else "flow_grpo")
-        assert flow["trainer"]["lr"] == cfg["trainer"]["lr"]  # one lr per mini block: the mini scale's
+        assert flow["trainer"]["lr_scale"] == cfg["trainer"]["lr_scale"] == 10.0  # the paper's lrs x 10
+        if any(b in block for b in ("geneval", "ocr", "joint")):  # D.4/D.5: TMPO 3e-5, baselines 5e-5
+            assert (cfg["trainer"]["lr"], flow["trainer"]["lr"]) == (3e-5, 5e-5)
+        else:  # PickScore blocks: 5e-5 for every row
+            assert flow["trainer"]["lr"] == cfg["trainer"]["lr"] == 5e-5
     assert compose("mini/table1_pickscore", "mixgrpo")["trainer"]["grad_clip"] == 0.3
     assert compose("mini/table1_geneval", "tmpo")["trainer"]["grad_clip"] == 0.5
     assert compose("mini/table1_pickscore", "tmpo")["eval"]["max_prompts"] == 10

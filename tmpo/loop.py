@@ -7,13 +7,14 @@ atomic checkpoint. Components are injected; nothing here knows a method's, model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ class TrainerConfig:
     threads: int | None = None  # torch.set_num_threads; None leaves it alone
     progress: bool = True
     keep_last_good: bool = True  # CPU copy of the state at each iteration's start, checkpointed on a fault
+    lr_scale: float = 1.0  # the optimizer's lr is lr * lr_scale: a scale's factor on the paper's per-method lrs
 
 
 def _seed_for(seed: int, step: int, stream: int) -> int:
@@ -91,7 +93,7 @@ class Trainer:
             raise ValueError("the policy has no trainable parameters (check the model's lora/finetuning config)")
         self.params = [p for _, p in named] + extra
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+            self.params, lr=cfg.lr * cfg.lr_scale, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.ema = EMA(named, decay=cfg.ema_decay, every=cfg.ema_every)
@@ -184,17 +186,46 @@ class Trainer:
         return samples, rewards, dict(info or {})
 
     # --- evaluation, checkpoints ---------------------------------------------------------------
+    def evaluated_weights(self) -> dict[str, Any]:
+        """Which weights :meth:`evaluate` scores after ``self.step`` iterations, with the numbers that say so.
+
+        The EMA (paper App. D.3) once it has been updated: ``ema_updates = step // ema_every`` updates, and
+        ``ema_initial_share = ema_decay ** ema_updates`` of it is still the initial (untrained) weights. Before
+        its first update the EMA *is* the initial model, so a run shorter than ``ema_every`` iterations scores
+        the live weights instead of silently re-scoring the base model.
+        """
+        updates = self.step // self.cfg.ema_every
+        if updates == 0:
+            return {"eval_weights": "live" if self.step else "initial", "ema_updates": 0}
+        return {"eval_weights": "ema", "ema_updates": updates, "ema_initial_share": self.cfg.ema_decay ** updates}
+
+    @contextlib.contextmanager
+    def weights_for_eval(self) -> Iterator[str]:
+        """Within this context the policy holds the weights :meth:`evaluated_weights` names (yielded)."""
+        which = self.evaluated_weights()["eval_weights"]
+        if which == "ema":
+            with self.ema.applied():
+                yield which
+        else:
+            yield which
+
     def evaluate(self) -> dict[str, float]:
-        """Evaluate the EMA policy; a non-finite eval reward is an error, other non-finite metrics a warning."""
+        """Evaluate the EMA policy (the live one before the EMA's first update); a non-finite eval reward
+        is an error, other non-finite metrics a warning."""
         if self.evaluator is None:
             return {}
-        with self.ema.applied():
+        with self.weights_for_eval() as which:
             metrics = self.evaluator(self.policy)
+        noise = getattr(self.evaluator, "noise", None) or {}  # sd over eval seeds, per-image-mean metrics only
+        metrics.update({f"noise/{k}": v for k, v in noise.items() if k in metrics and math.isfinite(v)})
         error, others = eval_fault(metrics)
         if error:
             raise NonFiniteError(f"{error} (after iteration {self.step})")
         if others:
             _log.warning("evaluation after iteration %d: non-finite %s", self.step, ", ".join(others))
+        shown = ", ".join(f"{k} {v:.4g}" + (f" (noise {noise[k]:.2g})" if k in noise else "")
+                          for k, v in metrics.items() if "/" not in k and isinstance(v, float))
+        _log.info("eval after iteration %d (%s weights): %s", self.step, which, shown)
         return metrics
 
     def state_dict(self, finished: bool = False, summary: dict | None = None) -> dict[str, Any]:
@@ -218,6 +249,7 @@ class Trainer:
     def save(self, finished: bool = False, summary: dict | None = None) -> Path:
         path = save_atomic(self.state_dict(finished, summary), self.run_dir / "checkpoints" / LATEST)
         self._saved_step = self.step
+        _log.debug("checkpoint after iteration %d: %s", self.step, path)
         return path
 
     def load(self, path: str | Path | dict[str, Any]) -> None:
@@ -328,6 +360,7 @@ class Trainer:
             summary.update({f"base/{k}": v for k, v in self.base_metrics.items()})
             summary["iter_time_s"] = float(np.mean(times)) if times else float("nan")
             summary["steps"] = float(self.step)
+            summary.update(self.evaluated_weights())
             if last:
                 summary["train/reward_mean_last"] = last["train/reward_mean"]
             self.save(finished=True, summary=summary)

@@ -78,6 +78,8 @@ def check_trainer(t: DictConfig) -> None:
     int_at_least("trainer.seed", t.seed, 0, "numpy seeds must be non-negative")
     int_at_least("trainer.threads", t.threads, 1, "torch threads", none_ok=True)
     number_in("trainer.lr", t.lr, 0.0, low_open=True, meaning="learning rate")
+    if "lr_scale" in t:
+        number_in("trainer.lr_scale", t.lr_scale, 0.0, low_open=True, meaning="factor on trainer.lr")
     number_in("trainer.weight_decay", t.weight_decay, 0.0)
     number_in("trainer.adam_beta1", t.adam_beta1, 0.0, 1.0, high_open=True)
     number_in("trainer.adam_beta2", t.adam_beta2, 0.0, 1.0, high_open=True)
