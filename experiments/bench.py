@@ -9,7 +9,9 @@ iteration, one thread). After one warm-up iteration it runs ``--passes`` passes 
 :data:`RUN_STEPS` of a :data:`RUN_LENGTH`-iteration run: the same iterations, hence the same prompts and
 initial noise, for every cell, spread over the run because the paper reports iteration time "averaged
 over the full training run" and TMPO's branch curriculum, TreeGRPO's and MixGRPO's windows change the
-cost along it. A repetition is one pass; its time is the mean over the pass's iterations.
+cost along it. A repetition is one pass; its time is the mean over the pass's iterations. All cells of a
+backend stay built and run interleaved, iteration by iteration, so that the load of other jobs on the
+machine drifts over all of them alike.
 
 Measured per iteration (instrumentation wraps the trainer's components, the loop itself is untouched):
 seconds split into rollout / decode + reward + advantages / update, each velocity call (batch size;
@@ -151,9 +153,14 @@ class Memory:
         """Start a new peak; return the current usage."""
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
+        elif self.resettable:
+            Path("/proc/self/clear_refs").write_text("5")
+        return self.current()
+
+    def current(self) -> float:
+        if self.cuda:
             return torch.cuda.memory_allocated() / 2**20
         if self.resettable:
-            Path("/proc/self/clear_refs").write_text("5")
             return _proc_status_mb("VmRSS") or float("nan")
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -165,14 +172,16 @@ class Memory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def release_memory(collect: bool = True) -> None:
-    """Free what earlier work left: garbage (``collect``), the CUDA cache, and glibc's free heap pages."""
+def release_memory(collect: bool = True, trim: bool = True) -> None:
+    """Free what earlier work left: garbage (``collect``), the CUDA cache, and glibc's free heap pages (``trim``:
+    the next allocations then show up as RSS growth, at the cost of page faults in whatever runs next)."""
     if collect:
         gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if trim:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # --- instrumentation of one trainer ----------------------------------------------------------------
@@ -205,7 +214,7 @@ class Probe:
             if watch_memory:
                 t = self.clock()
                 if self.trim_before_update:
-                    release_memory(collect=False)
+                    release_memory(collect=False, trim=True)
                 self.update_start_mb = self.memory.reset()
                 self.overhead_s += self.clock() - t
             outer, self.phase = self.phase, phase
@@ -245,15 +254,18 @@ class Probe:
             for obj, name, _ in patched:
                 delattr(obj, name)  # the instance attribute shadowed the class's method
 
-    def iteration(self, step: int) -> dict[str, Any]:
-        """Run ``train_step(step)``; return its timings, network evaluations and memory."""
+    def iteration(self, step: int, trim: bool = False) -> dict[str, Any]:
+        """Run ``train_step(step)``; return its timings, network evaluations and memory growth.
+
+        ``trim`` returns freed heap pages first, so that ``mem_growth_mb`` (peak minus the memory at the
+        start) is the iteration's whole working memory; timed iterations leave the heap as training would."""
         self.calls, self.phase_s, self.overhead_s = [], defaultdict(float), 0.0
-        release_memory()
-        self.memory.reset()
+        release_memory(trim=trim)
+        start = self.memory.reset()
         t0 = self.clock()
         metrics = self.trainer.train_step(step)
         iter_s = self.clock() - t0 - self.overhead_s
-        peak = self.memory.peak()
+        growth = self.memory.peak() - start
         rec = {
             "step": step, "iter_s": iter_s, "iter_wall_s": metrics["iter_time_s"],
             "rollout_s": self.phase_s["rollout"], "reward_s": self.phase_s["reward"], "update_s": self.phase_s["update"],
@@ -261,7 +273,7 @@ class Probe:
             "nfe_sample": metrics["nfe/sample_per_prompt"], "nfe_nograd_update": metrics.get("nfe/nograd_per_prompt", 0.0),
             "nfe_grad": metrics["nfe/grad_per_prompt"], "nfe_ref": metrics.get("nfe/ref_per_prompt", 0.0),
             "optimizer_steps": metrics["train/optimizer_steps"], "group_size": metrics["train/group_size"],
-            "edges_per_prompt": metrics["train/edges_per_prompt"], "peak_mem_mb": peak,
+            "edges_per_prompt": metrics["train/edges_per_prompt"], "mem_growth_mb": growth,
             "update_peak_mb": self.update_peak_mb, "update_delta_mb": self.update_peak_mb - self.update_start_mb,
             "calls": list(self.calls),
         }
@@ -371,29 +383,62 @@ def cell_overrides(backend: str, cell_args: list[str], run_dir: str) -> list[str
             f"trainer.total_steps={RUN_LENGTH}", f"trainer.prompts_per_step={PROMPTS}", *BACKENDS[backend], *cell_args]
 
 
-def bench_cell(backend: str, cell: str, passes: int, timer_for: Callable[[torch.device], ForwardTimer]) -> tuple[list[dict], dict]:
-    """Warm-up + ``passes`` x :data:`RUN_STEPS` iterations of one cell -> (iteration records, run counts)."""
-    with tempfile.TemporaryDirectory() as d:
-        trainer = build_trainer(compose_config(cell_overrides(backend, CELLS[cell], d)))
-        torch.set_num_threads(1)
-        device = trainer.policy.device
-        timer = timer_for(device)
-        probe = Probe(trainer, timer.clock, Memory(device))
-        with probe.installed():
-            probe.iteration(WARMUP_STEP)
-            records = [{**probe.iteration(s), "pass": p} for p in range(passes) for s in RUN_STEPS]
-        if any(r["group_size"] != GROUP_SIZE for r in records):
-            raise RuntimeError(f"{backend}/{cell}: group size {records[0]['group_size']}, the benchmark compares K = {GROUP_SIZE}")
-        timer.measure(trainer, {(c.batch, c.kind) for r in records for c in r["calls"] if c.phase in ("rollout", "update")})
-        for r in records:
-            r.update(iteration_bound(r.pop("calls"), timer, r["reward_s"]))
-        run = run_counts(trainer)
-        del trainer, probe
+@dataclass
+class CellRun:
+    """One cell's live trainer and probe, its memory and its timed iterations."""
+
+    trainer: Trainer
+    probe: Probe
+    trainer_mb: float  # what building the trainer added to the process (model, reward, optimizer, ...)
+    warmup_growth_mb: float  # the warm-up iteration's peak growth from a trimmed heap
+    records: list[dict]
+
+
+def start_cell(backend: str, cell: str, run_dir: str, timer_for: Callable[[torch.device], ForwardTimer]) -> CellRun:
     release_memory()
-    return records, run
+    device_memory = Memory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    before = device_memory.current()
+    trainer = build_trainer(compose_config(cell_overrides(backend, CELLS[cell], run_dir)))
+    torch.set_num_threads(1)
+    device = trainer.policy.device
+    memory = Memory(device)
+    release_memory()
+    trainer_mb = memory.current() - before
+    probe = Probe(trainer, timer_for(device).clock, memory)
+    with probe.installed():
+        warm = probe.iteration(WARMUP_STEP, trim=True)
+    return CellRun(trainer, probe, trainer_mb, warm["mem_growth_mb"], [])
 
 
-def summarize_cell(records: list[dict], run: dict) -> dict[str, float]:
+def bench_cells(backend: str, cells: list[str], passes: int, timer_for: Callable[[torch.device], ForwardTimer],
+                log: Callable[[str], None]) -> dict[str, CellRun]:
+    """Every cell's trainer built and warmed up, then ``passes`` x :data:`RUN_STEPS` iterations, the cells
+    interleaved at each iteration so that changes in the machine's load hit every cell alike."""
+    with contextlib.ExitStack() as stack:
+        runs = {c: start_cell(backend, c, stack.enter_context(tempfile.TemporaryDirectory()), timer_for) for c in cells}
+        log(f"{backend}: {len(cells)} cells built and warmed up")
+        for p in range(passes):
+            for step in RUN_STEPS:
+                for cell, run in runs.items():
+                    with run.probe.installed():
+                        run.records.append({**run.probe.iteration(step), "pass": p})
+            log(f"{backend}: pass {p + 1}/{passes} done")
+    for cell, run in runs.items():
+        if any(r["group_size"] != GROUP_SIZE for r in run.records):
+            raise RuntimeError(f"{backend}/{cell}: group size {run.records[0]['group_size']}, the benchmark compares K = {GROUP_SIZE}")
+    return runs
+
+
+def add_bounds(runs: dict[str, CellRun], timer_for: Callable[[torch.device], ForwardTimer]) -> None:
+    """Time the forwards the iterations used (once per batch size and kind) and attach each iteration's bound."""
+    for run in runs.values():
+        timer = timer_for(run.trainer.policy.device)
+        timer.measure(run.trainer, {(c.batch, c.kind) for r in run.records for c in r["calls"] if c.phase in ("rollout", "update")})
+        for r in run.records:
+            r.update(iteration_bound(r.pop("calls"), timer, r["reward_s"]))
+
+
+def summarize_cell(records: list[dict], run: dict, memory_mb: dict[str, float]) -> dict[str, float]:
     """Median and spread over repetitions (passes); a repetition's value is its mean over the run's iterations."""
     passes = sorted({r["pass"] for r in records})
     per_pass = {k: [float(np.mean([r[k] for r in records if r["pass"] == p])) for p in passes]
@@ -408,8 +453,7 @@ def summarize_cell(records: list[dict], run: dict) -> dict[str, float]:
         "nfe_sample": mean("nfe_sample"), "nfe_grad": mean("nfe_grad"),
         "nfe_nograd_update": mean("nfe_nograd_update"), "nfe_ref": mean("nfe_ref"),
         "optimizer_steps": mean("optimizer_steps"), "edges_per_prompt": mean("edges_per_prompt"),
-        "peak_mem_mb": float(max(r["peak_mem_mb"] for r in records)),
-        "update_rss_growth_mb": float(max(r["update_delta_mb"] for r in records)),  # freed memory reused is not counted
+        **memory_mb,
         "bound_s": float(np.median(per_pass["bound_s"])), "efficiency": float(np.median(eff)),
         **run,
     }
@@ -586,8 +630,10 @@ def render(summary: dict, details: dict, paper: dict) -> str:
         f"iterations {', '.join(map(str, RUN_STEPS))} of a {RUN_LENGTH}-iteration run (the same prompts and noise for every "
         f"method; spread over the run because the paper's times are averages over the run and the branch/window schedules "
         f"change the cost along it). s / iter: median over passes of each pass's mean; ±: half the range over passes. "
-        f"Phases (rollout, decode + reward + advantages, update) are medians in the same clock. peak MB: the process's peak "
-        f"memory during an iteration (runtime, model and optimizer state included). NFE columns are per prompt "
+        f"Phases (rollout, decode + reward + advantages, update) are medians in the same clock. The cells run interleaved "
+        f"(each timed iteration runs for every cell in turn), so changes in the machine's load hit all cells alike. "
+        f"peak MB: a process running that cell alone = the process before any trainer (runtime and one-time caches) + "
+        f"what building the cell's trainer added + the peak growth of its warm-up iteration (iteration 0) from a trimmed heap. NFE columns are per prompt "
         f"and iteration: sampling velocity evaluations, and the update's parent-state forwards without grad (recompute for "
         f"the optimizer steps after the first), with grad, and of the reference policy. bound = sum of the sampling calls' "
         f"t_fwd(b) + grad calls' t_fwd_bwd(b) + reference calls' t_ref(b) + the measured decode + reward time, with the "
@@ -620,23 +666,45 @@ def render(summary: dict, details: dict, paper: dict) -> str:
 
 
 # --- main ------------------------------------------------------------------------------------------------
+def process_baseline_mb(backend: str, cell: str) -> float:
+    """Memory of the process before any of the backend's trainers, after a throwaway trainer has done the
+    one-time imports, caches and first-call initialisations (so that they are not charged to the first cell)."""
+    with tempfile.TemporaryDirectory() as d:
+        trainer = build_trainer(compose_config(cell_overrides(backend, CELLS[cell], d)))
+        torch.set_num_threads(1)
+        trainer.train_step(WARMUP_STEP)
+        device = trainer.policy.device
+        del trainer
+    release_memory()
+    return Memory(device).current()
+
+
 def bench_backend(backend: str, cells: list[str], passes: int, t_start: float) -> tuple[dict, list[dict], dict]:
     timers: dict[str, ForwardTimer] = {}
 
     def timer_for(device: torch.device) -> ForwardTimer:
         return timers.setdefault(str(device), ForwardTimer(Clock(device)))
 
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:5.0f} s] {msg}", flush=True)
+
+    baseline = process_baseline_mb(backend, cells[0])
+    runs = bench_cells(backend, cells, passes, timer_for, log)
+    add_bounds(runs, timer_for)
     out, records = {}, []
-    for cell in cells:
-        recs, run = bench_cell(backend, cell, passes, timer_for)
-        out[cell] = summarize_cell(recs, run)
-        records += [{"backend": backend, "cell": cell, **r} for r in recs]
+    for cell, run in runs.items():
+        memory = {"process_baseline_mb": baseline, "trainer_mb": run.trainer_mb, "iteration_growth_mb": run.warmup_growth_mb,
+                  "peak_mem_mb": baseline + run.trainer_mb + run.warmup_growth_mb}
+        out[cell] = summarize_cell(run.records, run_counts(run.trainer), memory)
+        records += [{"backend": backend, "cell": cell, **r} for r in run.records]
         r = out[cell]
-        print(f"[{time.perf_counter() - t_start:5.0f} s] {backend}/{cell}: {r['iter_s_median']:.3f} s/iter "
-              f"(wall {r['iter_wall_s_median']:.3f}), bound {r['bound_s']:.3f}, efficiency {r['efficiency']:.2f}", flush=True)
+        log(f"{backend}/{cell}: {r['iter_s_median']:.3f} s/iter (wall {r['iter_wall_s_median']:.3f}), bound {r['bound_s']:.3f}, "
+            f"efficiency {r['efficiency']:.2f}, peak {r['peak_mem_mb']:.0f} MB")
+    device = next(iter(runs.values())).trainer.policy.device
+    del runs
+    release_memory()
     add_ratios(out)
     forward = [{"device": d, "batch": b, "kind": k, "seconds": s} for d, t in timers.items() for (b, k), s in sorted(t.table.items())]
-    device = torch.device(next(iter(timers), "cpu"))
     return out, records, {"forward_times": forward, "clock": Clock(device).name, "memory": Memory(device).name}
 
 

@@ -67,7 +67,7 @@ def test_probe_counts_match_the_loop_and_uninstall_cleanly(tmp_path):
     grad = [c for c in rec["calls"] if c.kind == "fwd_bwd"]
     assert sum(c.batch for c in grad) == rec["nfe_grad"] * bench.PROMPTS
     assert 0 < rec["rollout_s"] + rec["reward_s"] + rec["update_s"] <= rec["iter_s"] * 1.05
-    assert rec["peak_mem_mb"] > 0
+    assert rec["mem_growth_mb"] >= 0
     # nothing left behind: the class's methods and the loop's update are back
     assert tmpo.loop.policy_update is update
     assert "score" not in vars(trainer) and trainer.score.__func__ is Trainer.score
