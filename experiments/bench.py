@@ -466,8 +466,24 @@ def add_ratios(cells: dict[str, dict]) -> None:
 
 
 # --- TMPO's update memory versus K ------------------------------------------------------------------
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def allocate_large_blocks_by_mmap(threshold: int = 64 * 1024) -> bool:
+    """Make glibc serve every block above ``threshold`` bytes by mmap and unmap it on free.
+
+    By default the threshold grows to the largest block freed so far, and later blocks of that size come
+    from the heap, where freed memory stays resident: RSS then counts the allocator's fragmentation,
+    which grows with the number of chunks, not the live tensors. Only the memory sweep sets this (it
+    slows allocation), and it stays set for the rest of the process."""
+    with contextlib.suppress(OSError, AttributeError):
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    return False
+
+
 def k_sweep(backend: str, chunks: tuple[int, ...]) -> list[dict[str, float]]:
     """TMPO's update peak memory at K = 9, 27, 81 (fixed branch positions) for each fixed parent chunk."""
+    allocate_large_blocks_by_mmap()
     rows = []
     for chunk in chunks:
         for k, positions in K_SWEEP.items():
@@ -652,8 +668,9 @@ def render(summary: dict, details: dict, paper: dict) -> str:
         lines += [
             f"## TMPO's update memory versus K ({details['k_sweep_backend']})", "",
             "Fixed branch positions (K = 9: steps 1, 2; 27: 1, 2, 3; 81: 1, 2, 3, 4), 4 prompts, 2 optimizer steps, one "
-            "iteration after a warm-up. update +MB: peak RSS during the update minus the RSS at its start, after freed heap "
-            "pages were returned (so it is the update's own working memory; the rollout it reads grows with K and is "
+            "iteration after a warm-up. update +MB: peak RSS during the update minus the RSS at its start, with freed heap "
+            "pages returned first and every block above 64 KiB served by mmap (so RSS follows the live tensors, not the "
+            "allocator's fragmentation); it is the update's own working memory (the rollout it reads grows with K and is "
             "allocated before). The grad forwards run on min(parent_chunk, parents per optimizer step) rows at a time.", "",
             *k_sweep_table(details["k_sweep"]), "", *k_sweep_reading(details["k_sweep"]),
         ]
