@@ -8,13 +8,13 @@ compensator's state is exercised too.
 """
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import CONF_DIR, compose_run
+from reliability.rel_helpers import assert_same
 from tmpo.run import build_trainer
 
 METHODS = sorted(p.stem for p in Path(CONF_DIR, "method").glob("*.yaml"))  # every method, present and future
@@ -43,24 +43,6 @@ def reference_velocity(policy) -> torch.Tensor:
     cond = policy.encode_prompts(["toy"])
     with torch.no_grad(), policy.reference():
         return policy.velocity(PROBE[0], PROBE[1], cond, torch.zeros(7, dtype=torch.long))
-
-
-def assert_same(a, b, where: str) -> None:
-    """Recursive bit-for-bit equality of nested dicts / lists / tensors / numbers."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} vs {sorted(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def train_rows(run_dir: Path) -> list[dict]:

@@ -102,3 +102,25 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1, "SIGUSR2": signal.SIGUSR2, "SIGINT": signal.SIGINT}
+
+
+def killed_in_process(run_dir: Path, overrides: list[str], at: int) -> Path:
+    """An in-process run that died while computing iteration ``at + 1`` (after the checkpoints its
+    ``trainer.checkpoint_every`` wrote up to step ``at``)."""
+    import pytest
+
+    from conftest import compose_run
+    from tmpo.run import build_trainer
+
+    trainer = build_trainer(compose_run(overrides, run_dir))
+    original = trainer.train_step
+
+    def killed(step):
+        if step == at:
+            raise KeyboardInterrupt("killed")
+        return original(step)
+
+    trainer.train_step = killed
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    return run_dir

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import compose_run
-from rel_helpers import TOY, checkpoint, cli, rows, snapshot
+from rel_helpers import TOY, checkpoint, cli, killed_in_process, rows, snapshot
 from tmpo.config import ConfigError
 from tmpo.run import build_trainer, train
 
@@ -22,18 +22,7 @@ def _finished_run(run_dir, extra=()):
 
 def _stopped_run(run_dir, extra=(), at=2):
     """A run killed while computing iteration ``at + 1``, after its checkpoint at step ``at``."""
-    trainer = build_trainer(compose_run([*SMALL, "trainer.total_steps=4", "trainer.checkpoint_every=1", *extra], run_dir))
-    original = trainer.train_step
-
-    def killed(step):
-        if step == at:
-            raise KeyboardInterrupt("killed")
-        return original(step)
-
-    trainer.train_step = killed
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run()
-    return run_dir
+    return killed_in_process(run_dir, [*SMALL, "trainer.total_steps=4", "trainer.checkpoint_every=1", *extra], at)
 
 
 @pytest.mark.parametrize("keep", ["metrics", "checkpoint"])

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from conftest import compose_run
-from rel_helpers import checkpoint, rows, snapshot, train_rows
+from rel_helpers import checkpoint, killed_in_process, rows, snapshot, train_rows
 from tmpo.config import ConfigError
 from tmpo.logger import RunLogger
 from tmpo.run import build_trainer, train
@@ -19,18 +19,7 @@ SMALL = ["trainer.total_steps=4", "trainer.prompts_per_step=1", "eval.samples_pe
 
 def _killed_after(run_dir, at: int):
     """A run whose process died while computing iteration ``at + 1`` (checkpoint at step ``at``)."""
-    trainer = build_trainer(compose_run(SMALL, run_dir))
-    original = trainer.train_step
-
-    def killed(step):
-        if step == at:
-            raise KeyboardInterrupt("killed")
-        return original(step)
-
-    trainer.train_step = killed
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run()
-    return run_dir
+    return killed_in_process(run_dir, SMALL, at)
 
 
 def test_torn_last_metrics_line_is_dropped_with_a_warning_naming_the_file(tmp_path, caplog):
