@@ -1,6 +1,6 @@
 """Speed and memory of every method against the lower bound its network evaluations allow (``make bench``).
 
-    python -m experiments.bench                                  # toy, mini, flux_tiny (~15 min, 2 cores)
+    python -m experiments.bench                                  # toy, mini, flux_tiny (~12 min on 2 shared cores)
     python -m experiments.bench --backends mini --passes 1       # a quicker look
 
 For each backend and each cell (the six methods and TMPO's w/o-tree and fixed-branching ablations) the
@@ -38,6 +38,7 @@ import contextlib
 import csv
 import ctypes
 import gc
+import multiprocessing
 import os
 import platform
 import re
@@ -305,9 +306,9 @@ def _median_seconds(fn: Callable[[], None], clock: Clock, min_reps: int = 3, min
 
 
 class ForwardTimer:
-    """Seconds of one velocity call at a batch size on a backend's model, measured once and cached:
-    without grad (``fwd``), through the reference policy (``ref``), with grad and a backward into the
-    trainable parameters (``fwd_bwd``)."""
+    """Seconds of one velocity call at a batch size on a backend's model: without grad (``fwd``), through
+    the reference policy (``ref``), with grad and a backward into the trainable parameters (``fwd_bwd``).
+    One table per pass, measured right after the pass's iterations, so that it sees the same machine."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
@@ -394,48 +395,52 @@ class CellRun:
     records: list[dict]
 
 
-def start_cell(backend: str, cell: str, run_dir: str, timer_for: Callable[[torch.device], ForwardTimer]) -> CellRun:
+def start_cell(backend: str, cell: str, run_dir: str) -> CellRun:
     release_memory()
-    device_memory = Memory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    before = device_memory.current()
+    before = Memory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")).current()
     trainer = build_trainer(compose_config(cell_overrides(backend, CELLS[cell], run_dir)))
     torch.set_num_threads(1)
     device = trainer.policy.device
     memory = Memory(device)
     release_memory()
     trainer_mb = memory.current() - before
-    probe = Probe(trainer, timer_for(device).clock, memory)
+    probe = Probe(trainer, Clock(device), memory)
     with probe.installed():
         warm = probe.iteration(WARMUP_STEP, trim=True)
     return CellRun(trainer, probe, trainer_mb, warm["mem_growth_mb"], [])
 
 
-def bench_cells(backend: str, cells: list[str], passes: int, timer_for: Callable[[torch.device], ForwardTimer],
-                log: Callable[[str], None]) -> dict[str, CellRun]:
+def attach_bounds(runs: dict[str, CellRun], records: list[dict]) -> dict[tuple[int, str], float]:
+    """Time the forwards that ``records`` used (once per batch size and kind, on the first cell's model,
+    which every cell of a backend shares) and attach each record's bound; return the timings."""
+    first = next(iter(runs.values()))
+    timer = ForwardTimer(first.probe.clock)
+    timer.measure(first.trainer, {(c.batch, c.kind) for r in records for c in r["calls"] if c.phase in ("rollout", "update")})
+    for r in records:
+        r.update(iteration_bound(r.pop("calls"), timer, r["reward_s"]))
+    return timer.table
+
+
+def bench_cells(backend: str, cells: list[str], passes: int, log: Callable[[str], None]) -> tuple[dict[str, CellRun], list[dict]]:
     """Every cell's trainer built and warmed up, then ``passes`` x :data:`RUN_STEPS` iterations, the cells
-    interleaved at each iteration so that changes in the machine's load hit every cell alike."""
+    interleaved at each iteration so that changes in the machine's load hit every cell alike; after each
+    pass the forward timings for its bounds. Returns the runs and the forward timings of every pass."""
+    forward: list[dict] = []
     with contextlib.ExitStack() as stack:
-        runs = {c: start_cell(backend, c, stack.enter_context(tempfile.TemporaryDirectory()), timer_for) for c in cells}
+        runs = {c: start_cell(backend, c, stack.enter_context(tempfile.TemporaryDirectory())) for c in cells}
         log(f"{backend}: {len(cells)} cells built and warmed up")
         for p in range(passes):
             for step in RUN_STEPS:
-                for cell, run in runs.items():
+                for run in runs.values():
                     with run.probe.installed():
                         run.records.append({**run.probe.iteration(step), "pass": p})
+            table = attach_bounds(runs, [r for run in runs.values() for r in run.records if r["pass"] == p])
+            forward += [{"pass": p, "batch": b, "kind": k, "seconds": t} for (b, k), t in sorted(table.items())]
             log(f"{backend}: pass {p + 1}/{passes} done")
     for cell, run in runs.items():
         if any(r["group_size"] != GROUP_SIZE for r in run.records):
             raise RuntimeError(f"{backend}/{cell}: group size {run.records[0]['group_size']}, the benchmark compares K = {GROUP_SIZE}")
-    return runs
-
-
-def add_bounds(runs: dict[str, CellRun], timer_for: Callable[[torch.device], ForwardTimer]) -> None:
-    """Time the forwards the iterations used (once per batch size and kind) and attach each iteration's bound."""
-    for run in runs.values():
-        timer = timer_for(run.trainer.policy.device)
-        timer.measure(run.trainer, {(c.batch, c.kind) for r in run.records for c in r["calls"] if c.phase in ("rollout", "update")})
-        for r in run.records:
-            r.update(iteration_bound(r.pop("calls"), timer, r["reward_s"]))
+    return runs, forward
 
 
 def summarize_cell(records: list[dict], run: dict, memory_mb: dict[str, float]) -> dict[str, float]:
@@ -481,8 +486,15 @@ def allocate_large_blocks_by_mmap(threshold: int = 64 * 1024) -> bool:
     return False
 
 
+def k_sweep_in_fresh_process(backend: str, chunks: tuple[int, ...]) -> list[dict[str, float]]:
+    """:func:`k_sweep` in a new process, whose heap holds nothing but the sweep's own allocations."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(k_sweep, (backend, chunks))
+
+
 def k_sweep(backend: str, chunks: tuple[int, ...]) -> list[dict[str, float]]:
     """TMPO's update peak memory at K = 9, 27, 81 (fixed branch positions) for each fixed parent chunk."""
+    torch.set_num_threads(1)
     allocate_large_blocks_by_mmap()
     rows = []
     for chunk in chunks:
@@ -654,7 +666,7 @@ def render(summary: dict, details: dict, paper: dict) -> str:
         f"the optimizer steps after the first), with grad, and of the reference policy. bound = sum of the sampling calls' "
         f"t_fwd(b) + grad calls' t_fwd_bwd(b) + reference calls' t_ref(b) + the measured decode + reward time, with the "
         f"forward times measured on the same model at the batch sizes the iteration used (details.json); efficiency = "
-        f"bound / measured, per pass, median. Paper ratios: iteration times of the PickScore-only protocol on FLUX.1-dev "
+        f"bound / measured, per pass (each pass's forward times are measured right after its iterations), median. Paper ratios: iteration times of the PickScore-only protocol on FLUX.1-dev "
         f"(Table 1; Table 2 for the ablations).", "",
         "## Headline", "", *headline(summary, paper), "",
     ]
@@ -697,17 +709,11 @@ def process_baseline_mb(backend: str, cell: str) -> float:
 
 
 def bench_backend(backend: str, cells: list[str], passes: int, t_start: float) -> tuple[dict, list[dict], dict]:
-    timers: dict[str, ForwardTimer] = {}
-
-    def timer_for(device: torch.device) -> ForwardTimer:
-        return timers.setdefault(str(device), ForwardTimer(Clock(device)))
-
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:5.0f} s] {msg}", flush=True)
 
     baseline = process_baseline_mb(backend, cells[0])
-    runs = bench_cells(backend, cells, passes, timer_for, log)
-    add_bounds(runs, timer_for)
+    runs, forward = bench_cells(backend, cells, passes, log)
     out, records = {}, []
     for cell, run in runs.items():
         memory = {"process_baseline_mb": baseline, "trainer_mb": run.trainer_mb, "iteration_growth_mb": run.warmup_growth_mb,
@@ -721,7 +727,6 @@ def bench_backend(backend: str, cells: list[str], passes: int, t_start: float) -
     del runs
     release_memory()
     add_ratios(out)
-    forward = [{"device": d, "batch": b, "kind": k, "seconds": s} for d, t in timers.items() for (b, k), s in sorted(t.table.items())]
     return out, records, {"forward_times": forward, "clock": Clock(device).name, "memory": Memory(device).name}
 
 
@@ -733,7 +738,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default="toy,mini,flux_tiny", help="comma-separated: " + ", ".join(BACKENDS))
     ap.add_argument("--cells", default=",".join(CELLS), help="comma-separated: " + ", ".join(CELLS))
-    ap.add_argument("--passes", type=int, default=3, help="repetitions of the timed iterations")
+    ap.add_argument("--passes", type=int, default=2, help="repetitions of the timed iterations")
     ap.add_argument("--k-sweep", default="mini", help="backend of TMPO's update-memory-versus-K sweep ('none' to skip)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     args = ap.parse_args()
@@ -766,7 +771,7 @@ def main() -> None:
         details.setdefault("memory", extra["memory"])
     if args.k_sweep != "none":
         details["k_sweep_backend"] = args.k_sweep
-        details["k_sweep"] = k_sweep(args.k_sweep, K_SWEEP_CHUNKS)
+        details["k_sweep"] = k_sweep_in_fresh_process(args.k_sweep, K_SWEEP_CHUNKS)
     details.update(machine=machine(), wall_minutes=(time.perf_counter() - t_start) / 60,
                    load_start=load_start, load_end=os.getloadavg()[0])
     paper = paper_ratios()
