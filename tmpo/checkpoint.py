@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import pickle
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,25 @@ CHECKPOINT_DIR = "checkpoints"
 _log = logging.getLogger(__name__)
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new, unique ``<name>.<random>.tmp`` beside ``path``, opened for writing.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600) the file is created with mode 0666 minus the umask,
+    like any file ``open()`` creates, so checkpoints and results stay readable by the user's group.
+    """
+    while True:
+        tmp = path.parent / f"{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+
+
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Save ``state`` so that ``path`` is either the old or the new complete file, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -43,7 +57,7 @@ def write_json_atomic(obj: Any, path: str | os.PathLike, sort_keys: bool = False
     """Write ``obj`` as indented JSON through a unique temporary file and a rename (race- and crash-safe)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
@@ -60,10 +74,27 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Replace ``path`` with ``text`` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Replace ``path`` with ``data`` (e.g. a PNG) through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -35,6 +35,22 @@ class EvalConfig:
     samples_per_prompt: int = 10
     num_steps: int = 28
     seed: int = 1234
+    grid_prompts: int = 6  # samples.png: this many test prompts (rows), base vs the evaluated weights
+    grid_samples: int = 4  # ... and this many initial noises per prompt (0: no samples.png)
+
+
+GRID_KEYS = ("grid_prompts", "grid_samples")  # eval keys read by tmpo.run (samples.png), not by the Evaluator
+
+
+def config_dir() -> Path:
+    """The Hydra config directory: the package's own copy in an installed wheel (``tmpo/conf``, built from
+    the repository's ``conf/`` by setup.py), else the source checkout's ``conf/`` (editable installs)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no Hydra config directory: neither {package / 'conf'} nor {package.parent / 'conf'} "
+                            "holds config.yaml; reinstall tmpo (pip install .) or run from a checkout")
 
 
 @dataclass
@@ -91,6 +107,32 @@ def _import(path: str) -> Any:
         raise ConfigError(f"_target_ {path!r} cannot be imported ({e}); check the spelling of the class path") from e
 
 
+def unknown_key_message(path: str, valid: list[str], owner: str = "", value: str | None = None) -> str:
+    """``unknown key <path>[=<value>] <owner>. Did you mean '<closest>'? Valid keys: ...`` (one line)."""
+    key = path.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    shown = path if value is None else f"{path}={value}"
+    return f"unknown key {shown}{' ' + owner if owner else ''}.{hint} Valid keys: {', '.join(sorted(valid))}"
+
+
+def target_keys(target: str) -> list[str] | None:
+    """The keyword arguments a ``_target_`` accepts, or ``None`` when it takes ``**kwargs`` (any key)."""
+    obj = _import(target)
+    params = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+
+def _shown(node: DictConfig, key: str) -> str:
+    """A node's value as the command line would spell it (unresolved: interpolations stay as written)."""
+    child = node._get_node(key)
+    if isinstance(child, (DictConfig, ListConfig)):
+        return str(OmegaConf.to_container(child, resolve=False))
+    return str(child._value())
+
+
 def _check_node(node: DictConfig, where: str) -> None:
     target = _import(str(node["_target_"]))
     fn = target.__init__ if inspect.isclass(target) else target
@@ -102,11 +144,7 @@ def _check_node(node: DictConfig, where: str) -> None:
         key = str(key)
         if key.startswith("_") or key in valid:
             continue
-        close = difflib.get_close_matches(key, valid, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(
-            f"unknown key {where}.{key} for {node['_target_']}.{hint} Valid keys: {', '.join(sorted(valid))}"
-        )
+        raise ConfigError(unknown_key_message(f"{where}.{key}", valid, f"for {node['_target_']}", _shown(node, key)))
     missing = [n for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty
                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) and n not in node]
     if missing and not node.get("_partial_", False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,34 +46,73 @@ def read_metrics_lines(path: Path, warn: bool = True) -> list[str]:
     return rows
 
 
+def wandb_names(labels: Mapping[str, Any], choices: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """wandb ``name``, ``group`` and ``tags`` of a run.
+
+    A run of a paper table (``scale``/``table``/``protocol``/``row`` labels) takes the tables' names
+    (:func:`tmpo.results.labels.wandb_identity`); any other run is grouped by ``<model>/<reward>/<method>``
+    (the config group choices, e.g. ``mini/geneval/tmpo``) and named ``<group>/seed<k>``. The tags are the
+    method, reward, model, ``seed<k>`` and the experiment, so a project filters by any of them.
+    """
+    from tmpo.results.labels import wandb_identity
+
+    choices = dict(choices or {})
+    method = choices.get("method") or labels.get("method")
+    model = choices.get("model") or str(labels.get("model") or "").rsplit(".", 1)[-1]  # a class path: its name
+    reward, seed = choices.get("reward"), labels.get("seed")
+    if labels.get("ablation") not in (None, "", "full"):
+        method = f"{method}-{labels['ablation']}"
+    ident = wandb_identity(labels)
+    if not ident:
+        group = "/".join(str(x) for x in (model, reward, method) if x not in (None, ""))
+        ident = {"name": f"{group}/seed{seed}", "group": group, "tags": []}
+    extra = [str(x) for x in (method, reward, model, f"seed{seed}") if x not in (None, "")]
+    if labels.get("experiment"):
+        extra.append(f"experiment={labels['experiment']}")
+    ident["tags"] = list(dict.fromkeys([*ident["tags"], *extra]))  # in order, without repeats
+    return ident
+
+
 class RunLogger:
     """Writes ``metrics.jsonl``/``summary.json`` in ``run_dir`` and mirrors to wandb when enabled.
 
     Args:
         run_dir: the run's directory.
         wandb: ``None`` (files only) or kwargs for ``wandb.init`` (``mode`` defaults to ``"offline"``,
-            so no account is needed; set ``mode: online`` and ``project`` to sync).
+            so no account is needed; set ``mode: online`` and ``project`` to sync). ``name``/``group``/
+            ``tags`` given here win over :func:`wandb_names`.
         config: the resolved run config, stored with the wandb run.
         wandb_id: the id of the wandb run to continue (stored in the checkpoint), with ``resume="allow"``.
+        labels: what the run is (``tmpo.results.labels.run_labels``; computed from ``config`` if None): in
+            the wandb config and summary and in ``summary.json``.
+        choices: the config group choices (``hydra.runtime.choices``: method, reward, model) for the names.
+
+    wandb's x-axis is ``iteration`` (``define_metric``); the base model's eval is logged at iteration 0.
     """
 
     def __init__(self, run_dir: str | Path, wandb: dict | None = None, config: dict | None = None,
-                 wandb_id: str | None = None) -> None:
+                 wandb_id: str | None = None, labels: Mapping[str, Any] | None = None,
+                 choices: Mapping[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.rows = self.metrics_path.read_bytes().count(b"\n") if self.metrics_path.exists() else 0  # set exactly by resume_at/restart
+        if labels is None and config is not None:
+            from tmpo.results.labels import run_labels
+
+            labels = run_labels(config)
+        self.labels: dict[str, Any] = dict(labels or {})  # the same labels as summary.json: tables read either
         self._wandb = None
         if wandb is not None:
             import wandb as wandb_lib
 
-            from tmpo.results.labels import run_labels, wandb_identity
-
-            labels = run_labels(config or {})  # the same labels as summary.json: tables read either
-            kw = {"mode": "offline", "dir": str(self.run_dir), **wandb_identity(labels), **dict(wandb)}
+            kw = {"mode": "offline", "dir": str(self.run_dir), **wandb_names(self.labels, choices), **dict(wandb)}
             if wandb_id:
                 kw.update(id=wandb_id, resume="allow")  # a requeued job continues the same wandb run
-            self._wandb = wandb_lib.init(config={**(config or {}), "labels": labels}, **kw)
+            self._wandb = wandb_lib.init(config={**(config or {}), "labels": self.labels}, **kw)
+            if hasattr(self._wandb, "define_metric"):
+                self._wandb.define_metric("iteration")
+                self._wandb.define_metric("*", step_metric="iteration")
         self.wandb_id: str | None = self._wandb.id if self._wandb is not None else None
 
     def resume_at(self, step: int, rows: int | None = None) -> None:
@@ -114,10 +154,18 @@ class RunLogger:
             f.write(json.dumps(row) + "\n")
         self.rows += 1
         if self._wandb is not None:
-            self._wandb.log(row, step=step)
+            self._wandb.log({**row, "iteration": step}, step=step)
+
+    def log_image(self, key: str, path: str | Path, step: int, caption: str | None = None) -> None:
+        """Log an image file to wandb (the file itself is already in the run dir)."""
+        if self._wandb is not None:
+            import wandb as wandb_lib
+
+            self._wandb.log({key: wandb_lib.Image(str(path), caption=caption), "iteration": step}, step=step)
 
     def summary(self, metrics: dict[str, Any]) -> None:
-        clean = _clean(metrics)
+        """``summary.json`` and the wandb summary: the final metrics and the run's labels."""
+        clean = {**_clean(metrics), **self.labels}
         write_json_atomic(clean, self.run_dir / "summary.json", sort_keys=True)
         if self._wandb is not None:
             self._wandb.summary.update(clean)
