@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: install  ## the default job: TMPO with the GenEval reward on the mini model (a few minutes on CPU)
-	$(PY) -m tmpo.run method=tmpo reward=geneval
+run: install  ## the quick default job (conf/scale/mini_quickstart.yaml): TMPO, PickScore reward, mini model, 60 iterations (minutes on a CPU)
+	$(PY) -m tmpo.run scale=mini_quickstart
 
 test: install  ## the default test suite (slow tests excluded)
 	$(PY) -m pytest -q
