@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tmpo.metrics.noise import eval_noise
+from tmpo.metrics.task import RewardMetric
 from tmpo.policies.base import FlowPolicy
 from tmpo.prompts import PromptSource
 from tmpo.samplers.sampler import sample_ode
@@ -62,6 +64,7 @@ class Evaluator:
         self.reward = reward
         self.suites = [EvalSuite("task", prompts, list(metrics), max_prompts), *suites]
         self.samples_per_prompt, self.num_steps, self.seed, self.progress = samples_per_prompt, num_steps, seed, progress
+        self.noise: dict[str, float] = {}  # of the last call, per metric name (see __call__)
 
     def _run_suite(self, policy: FlowPolicy, suite: EvalSuite, with_reward: bool) -> dict[str, float]:
         test = suite.prompts.test()[: suite.max_prompts]
@@ -78,15 +81,26 @@ class Evaluator:
         out: dict[str, float] = {}
         if with_reward:
             rewards, _ = self.reward(samples, rep_texts, rep_meta)
-            out["reward"] = float(torch.as_tensor(rewards).float().mean())
+            rewards = torch.as_tensor(rewards).float()
+            out["reward"] = float(rewards.mean())
+            self.noise["reward"] = eval_noise(rewards, n)
         for metric in suite.metrics:
-            for k, v in metric(samples, latents, rep_texts, rep_meta, n).items():
+            if isinstance(metric, RewardMetric):  # a mean over images: its spread over eval seeds is known
+                scores = metric.per_image(samples, rep_texts, rep_meta)
+                values = {metric.name: float(scores.mean())}
+                self.noise[metric.name] = eval_noise(scores, n)
+            else:
+                values = metric(samples, latents, rep_texts, rep_meta, n)
+            for k, v in values.items():
                 if k in out:
                     raise ValueError(f"eval metric name {k!r} is produced twice; rename one of the metrics")
                 out[k] = v
         return out
 
     def __call__(self, policy: FlowPolicy) -> dict[str, float]:
+        """The metrics of every suite; :attr:`noise` then holds each per-image-mean metric's standard
+        deviation over eval seeds (:func:`tmpo.metrics.noise.eval_noise`)."""
+        self.noise: dict[str, float] = {}
         out: dict[str, float] = {}
         for i, suite in enumerate(self.suites):
             res = self._run_suite(policy, suite, with_reward=i == 0)

@@ -20,12 +20,16 @@ class RewardMetric:
     def __init__(self, name: str, reward: Callable) -> None:
         self.name, self.reward = name, reward
 
-    def __call__(self, samples: Tensor, latents: Tensor, prompts: list[str], metadata: list[dict], group_size: int) -> dict[str, float]:
+    def per_image(self, samples: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
+        """The reward of every sample (float64); the metric is their mean."""
         scores, _ = self.reward(samples, prompts, metadata)
         scores = torch.as_tensor(scores, dtype=torch.float64)
         if not bool(torch.isfinite(scores).all()):
             raise ValueError(f"metric {self.name}: the reward returned non-finite scores")
-        return {self.name: float(scores.mean())}
+        return scores
+
+    def __call__(self, samples: Tensor, latents: Tensor, prompts: list[str], metadata: list[dict], group_size: int) -> dict[str, float]:
+        return {self.name: float(self.per_image(samples, prompts, metadata).mean())}
 
 
 class PerPromptDiversity:
