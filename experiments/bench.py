@@ -38,6 +38,7 @@ import contextlib
 import csv
 import ctypes
 import gc
+import json
 import multiprocessing
 import os
 import platform
@@ -643,18 +644,24 @@ def k_sweep_reading(rows: list[dict]) -> list[str]:
     return [" ".join(out), ""] if out else []
 
 
+def optimizer_steps(summary: dict) -> str:
+    cells = next(iter(summary.values()), {})
+    return ", ".join(f"{LABELS[c]} {r['optimizer_steps']:.0f}" for c, r in cells.items())
+
+
 def render(summary: dict, details: dict, paper: dict) -> str:
     m = details["machine"]
     lines = [
         "# Benchmark: every method against the lower bound of its network evaluations (`make bench`)", "",
-        f"Written by `python -m experiments.bench {details['args']}` on {m['date']} (commit {m['commit']}), "
+        f"Written by `{' '.join(['python -m experiments.bench', *details['args'].split()])}` on {m['date']} (commit {m['commit']}), "
         f"{details['wall_minutes']:.1f} min in all. Machine: {m['cpu']}, {m['cores']} cores, **{m['threads']} thread**, "
         f"torch {m['torch']}, Python {m['python']}. **Other jobs shared this machine** (load average "
         f"{details['load_start']:.1f} at the start, {details['load_end']:.1f} at the end on {m['cores']} cores): times are "
-        f"{details.get('clock', '-')}, which the sharing hardly changes; the wall-clock column shows what it did to the wall clock. "
+        f"{details.get('clock', '-')}, which the sharing changes far less than the wall clock (the wall-clock column shows "
+        f"what it did there); what remains is spread over all methods alike (see Setup). "
         f"Memory: {details.get('memory', '-')}.", "",
         f"Setup: K = {GROUP_SIZE}, {PROMPTS} prompts per iteration, each method's own config (optimizer steps per rollout: "
-        f"TMPO, GRPO, Flow-GRPO, TreeGRPO, GARDO 2, MixGRPO 4). One warm-up iteration, then {details['passes']} passes over "
+        f"{optimizer_steps(summary)}). One warm-up iteration, then {details['passes']} passes over "
         f"iterations {', '.join(map(str, RUN_STEPS))} of a {RUN_LENGTH}-iteration run (the same prompts and noise for every "
         f"method; spread over the run because the paper's times are averages over the run and the branch/window schedules "
         f"change the cost along it). s / iter: median over passes of each pass's mean; ±: half the range over passes. "
@@ -672,6 +679,9 @@ def render(summary: dict, details: dict, paper: dict) -> str:
     ]
     for backend, cells in summary.items():
         lines += [f"## {backend}", "", *backend_table(cells, paper), ""]
+        if backend == "toy":
+            lines += ["The toy's network is a 2-D MLP (tens of microseconds per call): the loop's Python bookkeeping, "
+                      "not the network, sets its iteration time, hence the low efficiencies.", ""]
     for backend, cells in summary.items():
         expl = tree_explanation(backend, cells)
         if expl:
@@ -741,7 +751,12 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=2, help="repetitions of the timed iterations")
     ap.add_argument("--k-sweep", default="mini", help="backend of TMPO's update-memory-versus-K sweep ('none' to skip)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench")
+    ap.add_argument("--render-only", action="store_true", help="rewrite README.md from the summary.json and details.json in --out")
     args = ap.parse_args()
+    if args.render_only:
+        summary, details = (json.loads((args.out / f).read_text()) for f in ("summary.json", "details.json"))
+        write_text_atomic(render(summary, details, details["paper_ratios"]), args.out / "README.md")
+        return
     backends, cells = args.backends.split(","), args.cells.split(",")
     unknown = [b for b in backends if b not in BACKENDS] + [c for c in cells if c not in CELLS]
     if unknown or args.passes < 1 or (args.k_sweep != "none" and args.k_sweep not in BACKENDS):
