@@ -28,7 +28,8 @@ sum_ref t_ref(b) + t_reward``, and ``efficiency = bound / measured``. The update
 
 Writes ``results/bench/summary.json`` (``{backend: {cell: {...}}}``), ``details.json`` (machine, forward
 timings, TMPO's update memory for K = 9, 27, 81, network evaluations over the whole run),
-``iterations.csv`` (every timed iteration) and ``README.md`` (the tables). Not asserted by any test.
+``iterations.csv`` (every timed iteration), ``<backend>.csv`` (one row per method, for experiments/run_suite.py's
+budget) and ``README.md`` (the tables). Timings are not asserted by any test.
 """
 
 from __future__ import annotations
@@ -699,7 +700,8 @@ def render(summary: dict, details: dict, paper: dict) -> str:
     for backend, note in details["skipped"].items():
         lines += [f"Skipped {backend}: {note}", ""]
     lines += ["Files: summary.json (per backend and method), details.json (machine, forward times, K sweep), "
-              "iterations.csv (every timed iteration, with the bound's parts). On a GPU, `python -m experiments.bench_real` "
+              "iterations.csv (every timed iteration, with the bound's parts), <backend>.csv (the summary as one row per "
+              "method; iter_time_s is the CPU median, which experiments/run_suite.py budgets with). On a GPU, `python -m experiments.bench_real` "
               "times a full-size random-weight FLUX.1-dev transformer (gpu.md).", ""]
     return "\n".join(lines)
 
@@ -740,6 +742,21 @@ def bench_backend(backend: str, cells: list[str], passes: int, t_start: float) -
     return out, records, {"forward_times": forward, "clock": Clock(device).name, "memory": Memory(device).name}
 
 
+CSV_NAMES = {"no_tree": "tmpo_no_tree", "fixed_branching": "tmpo_fixed_branching"}  # the earlier files' method names
+CSV_COLUMNS = {"iter_s_median": "iter_time_s", "iter_s_spread": "iter_time_s_spread", "iter_wall_s_median": "iter_wall_time_s",
+               "rollout_s_median": "rollout_s", "reward_s_median": "reward_s", "update_s_median": "update_s",
+               "nfe_sample": "nfe_sample", "nfe_nograd_update": "nfe_nograd_update", "nfe_grad": "nfe_grad", "nfe_ref": "nfe_ref",
+               "edges_per_prompt": "edges_per_prompt", "peak_mem_mb": "peak_mem_mb", "bound_s": "bound_s", "efficiency": "efficiency"}
+
+
+def write_backend_csvs(summary: dict[str, dict], out: Path) -> None:
+    """``<backend>.csv``, one row per method (``iter_time_s``: CPU seconds per iteration, what a job with a
+    core of its own takes), read by experiments/run_suite.py to budget the mini suite."""
+    for backend, cells in summary.items():
+        rows = [{"method": CSV_NAMES.get(c, c), **{new: r[old] for old, new in CSV_COLUMNS.items()}} for c, r in cells.items()]
+        write_text_atomic(pd.DataFrame(rows).to_csv(index=False, float_format="%.5g"), out / f"{backend}.csv")
+
+
 def write_iterations(records: list[dict], path: Path) -> None:
     write_text_atomic(pd.DataFrame(records).to_csv(index=False, float_format="%.6g"), path)
 
@@ -751,11 +768,12 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=2, help="repetitions of the timed iterations")
     ap.add_argument("--k-sweep", default="mini", help="backend of TMPO's update-memory-versus-K sweep ('none' to skip)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench")
-    ap.add_argument("--render-only", action="store_true", help="rewrite README.md from the summary.json and details.json in --out")
+    ap.add_argument("--render-only", action="store_true", help="rewrite README.md and <backend>.csv from --out's summary.json and details.json")
     args = ap.parse_args()
     if args.render_only:
         summary, details = (json.loads((args.out / f).read_text()) for f in ("summary.json", "details.json"))
         write_text_atomic(render(summary, details, details["paper_ratios"]), args.out / "README.md")
+        write_backend_csvs(summary, args.out)
         return
     backends, cells = args.backends.split(","), args.cells.split(",")
     unknown = [b for b in backends if b not in BACKENDS] + [c for c in cells if c not in CELLS]
@@ -795,6 +813,7 @@ def main() -> None:
     write_json_atomic(summary, args.out / "summary.json")
     write_json_atomic(details, args.out / "details.json")
     write_iterations(records, args.out / "iterations.csv")
+    write_backend_csvs(summary, args.out)
     write_text_atomic(render(summary, details, paper), args.out / "README.md")
     print(f"wrote {args.out}/README.md, summary.json, details.json, iterations.csv in {details['wall_minutes']:.1f} min", flush=True)
 
