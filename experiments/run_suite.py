@@ -18,6 +18,7 @@ tables`` reads and what gets committed; a job recorded there is never launched a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -34,7 +35,7 @@ BLOCKS = {
                                      "table5_joint", "table6_sd35")]
     for scale, prefix in (("mini", "mini/"), ("paper", ""))
 }
-BENCH = REPO / "results" / "bench" / "mini.csv"
+BENCH = REPO / "results" / "bench" / "summary.json"  # make bench: {backend: {cell: {iter_s_median, ...}}}
 # Seconds for one evaluation (task suite + DrawBench-style suite, 10 images per prompt, 28 steps, one
 # thread), measured with a pilot on this machine for the mini blocks' eval sizes (mini/_common.yaml).
 EVAL_S = {("mini", "geneval"): 97.0, ("mini", "ocr"): 74.0, ("mini", "pickscore"): 43.0, ("mini", "joint"): 44.0,
@@ -130,16 +131,18 @@ def job_state(job: Job) -> str:
 
 
 def iteration_costs(bench: Path = BENCH) -> dict[str, float]:
-    """Seconds per mini iteration (one thread, 4 prompts) per method/ablation from ``make bench``'s file."""
+    """Seconds per mini iteration (one thread, 4 prompts) per method/ablation cell from ``make bench``'s file."""
     if not bench.exists():
-        raise FileNotFoundError(f"{bench} is missing: run `make bench` (python -m experiments.bench --model mini)")
-    df = pd.read_csv(bench)
-    return dict(zip(df["method"], df["iter_time_s"].astype(float)))
+        raise FileNotFoundError(f"{bench} is missing: run `make bench` (python -m experiments.bench)")
+    mini = json.loads(bench.read_text()).get("mini")
+    if not mini:
+        raise KeyError(f"{bench} has no 'mini' backend: run `make bench`")
+    return {cell: float(row["iter_s_median"]) for cell, row in mini.items()}
 
 
 def job_cost(job: Job, costs: dict[str, float]) -> float:
     """Estimated seconds of a mini job: iterations x iteration cost + evaluations (two on the first seed)."""
-    key = "tmpo_no_tree" if job.ablation == "no_tree" else job.method
+    key = "no_tree" if job.ablation == "no_tree" else job.method
     if key not in costs:
         raise KeyError(f"no iteration time for {key!r} in {BENCH}; rerun `make bench`")
     factor = MMDIT_FACTOR if job.model == "mini_mmdit" else 1.0

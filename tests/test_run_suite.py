@@ -49,7 +49,7 @@ def test_job_states_from_fresh_to_recorded(tmp_path):
 
 
 def test_job_cost_is_iterations_times_bench_plus_evaluations(tmp_path):
-    costs = {"tmpo": 2.0, "tmpo_no_tree": 5.0, "gardo": 8.0}
+    costs = {"tmpo": 2.0, "no_tree": 5.0, "gardo": 8.0}
     assert job_cost(job(tmp_path), costs) == 4 * 2.0 + EVAL_S[("mini", "joint")]
     assert job_cost(job(tmp_path, first_seed=True), costs) == 4 * 2.0 + 2 * EVAL_S[("mini", "joint")]
     assert job_cost(job(tmp_path, ablation="no_tree"), costs) == 4 * 5.0 + EVAL_S[("mini", "joint")]
@@ -61,7 +61,7 @@ def test_job_cost_is_iterations_times_bench_plus_evaluations(tmp_path):
 
 def test_the_mini_suite_fits_twelve_hours_on_two_lanes():
     """The budget of conf/experiment/mini/_common.yaml, redone from the current configs and bench file: if a
-    method got costlier (results/bench/mini.csv), lower the blocks' iterations."""
+    method got costlier (results/bench/summary.json), lower the blocks' iterations."""
     costs = iteration_costs()
     jobs = [j for b in ("table1_geneval", "table1_ocr", "table1_pickscore", "table2_ablation", "table5_joint",
                         "table6_sd35") for j in block_jobs(f"mini/{b}")]
