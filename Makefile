@@ -39,7 +39,7 @@ MINUTES ?= 110
 pretrain-mini: install  ## (re)train a mini base model; resumable: make pretrain-mini ARCH=mmdit MINUTES=90
 	$(PY) -m tmpo.policies.mini_pretrain --arch $(ARCH) --minutes $(MINUTES)
 
-bench: install  ## speed/memory benchmarks, written to results/bench/
+bench: install  ## every method vs the lower bound of its network evaluations, toy/mini/tiny FLUX, 1 thread (~12 min): results/bench/
 	$(PY) -m experiments.bench
 
 SCALE ?= mini
