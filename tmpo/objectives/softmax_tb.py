@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tmpo.diagnostics import group_diagnostics
 from tmpo.objectives.advantages import linear_warmup, softmax_tb_advantage, uniform_policy_advantage
 from tmpo.objectives.base import Minibatch, Objective, Prepared, check_kl_form
 from tmpo.objectives.ppo import clip_fraction, clipped_surrogate
 from tmpo.samplers.rollout import Rollout
 
-POLICY_TERMS = ("trajectory", "uniform")
+POLICY_TERMS = ("trajectory", "uniform", "marginal")
+MARGINAL_REDUCTIONS = ("sum", "mean")
 
 
 class SoftmaxTBObjective(Objective):
@@ -22,8 +24,12 @@ class SoftmaxTBObjective(Objective):
         clip_eps: IS clip range (0.2).
         ratio_norm: centre each per-step log-ratio with the detached ``||mu - mu_old||^2 / (2 std^2)``
             (RatioNorm, App. B.1); the trajectory ratio is ``exp(sum_t log w_hat_t)``, unscaled.
-        policy_term: ``"trajectory"`` (paper: ``p = softmax(log P_old)``) or ``"uniform"`` (``p = 1/K``,
-            an ablation of the policy term).
+        policy_term: ``"trajectory"`` (paper: ``p = softmax(log P_old)``), ``"uniform"`` (``p = 1/K``,
+            an ablation of the policy term) or ``"marginal"`` (``p = softmax(log p_old(x_0 | prompt))``, the
+            model's density of each leaf, App. A.2's ``P_theta(tau_i)`` read as the density of the sample;
+            needs ``sampler.leaf_likelihood``, which stores it on the rollout).
+        marginal_reduction: units of that density: ``"sum"`` (nats, the true density, default) or
+            ``"mean"`` (divided by the latent dim ``d``, the per-dim convention of eq. 49).
         kl_coef: weight of the KL penalty to the reference policy added by the loop (App. D.3 step 6;
             the paper gives no value).
         kl_form: units of that KL (:func:`tmpo.sde.reference_kl`). The paper names no form; we use the
@@ -43,9 +49,13 @@ class SoftmaxTBObjective(Objective):
         kl_coef: float = 0.0,
         log_prob_reduction: str = "mean",
         kl_form: str = "exact",
+        marginal_reduction: str = "sum",
     ) -> None:
         if policy_term not in POLICY_TERMS:
             raise ValueError(f"policy_term must be one of {POLICY_TERMS}, got {policy_term!r}")
+        if marginal_reduction not in MARGINAL_REDUCTIONS:
+            raise ValueError(f"objective.marginal_reduction must be one of {MARGINAL_REDUCTIONS}, got {marginal_reduction!r}")
+        self.marginal_reduction = marginal_reduction
         self.beta_start, self.beta_end, self.beta_warmup_steps = beta_start, beta_end, beta_warmup_steps
         self.clip_eps = clip_eps
         self.ratio_norm = ratio_norm
@@ -63,12 +73,28 @@ class SoftmaxTBObjective(Objective):
         g, k = rollout.num_groups, rollout.group_size
         beta = self.beta(step)
         r = rewards.view(g, k)
+        stats = {"beta": torch.tensor(beta)}
         if self.policy_term == "uniform":
             adv = uniform_policy_advantage(r, beta)
+        elif self.policy_term == "marginal":
+            log_p = self.marginal_log_density(rollout).view(g, k)
+            adv = softmax_tb_advantage(r, log_p, beta)
+            stats.update(marginal_stats(rollout, r, log_p, adv))
         else:
             log_p = rollout.trajectory_log_prob_old().view(g, k) * self.log_prob_scale(rollout.latent_dim)
             adv = softmax_tb_advantage(r, log_p, beta)
-        return Prepared(leaf_adv=adv.reshape(-1), stats={"beta": torch.tensor(beta)})
+        return Prepared(leaf_adv=adv.reshape(-1), stats=stats)
+
+    def marginal_log_density(self, rollout: Rollout) -> Tensor:
+        """Each leaf's ``log p_old(x_0 | prompt)`` from the rollout, in ``marginal_reduction`` units, ``[L]``."""
+        if rollout.leaf_log_density is None:
+            raise ValueError(
+                "objective.policy_term=marginal needs each leaf's log p_old(x_0) on the rollout, and this sampler did not "
+                "compute it: set sampler.leaf_likelihood on the command line (e.g. '+sampler.leaf_likelihood={ode_steps: 32, "
+                "probes: 1, exact: auto}') or use method=tmpo_marginal, which sets it"
+            )
+        scale = 1.0 / rollout.latent_dim if self.marginal_reduction == "mean" else 1.0
+        return rollout.leaf_log_density * scale
 
     def loss(self, mb: Minibatch, log_prob: Tensor, bias: Tensor, prepared: Prepared) -> tuple[Tensor, dict[str, Tensor]]:
         scale = self.log_prob_scale(mb.latent_dim)
@@ -82,3 +108,14 @@ class SoftmaxTBObjective(Objective):
             "clip_frac": clip_fraction(ratio, self.clip_eps),
             "log_ratio_absmax": log_w.detach().abs().max(),
         }
+
+
+def marginal_stats(rollout: Rollout, rewards: Tensor, log_p: Tensor, adv: Tensor) -> dict[str, Tensor]:
+    """Diagnostics of the marginal policy term on ``[G, K]`` groups (logged as ``train/marginal_*``; the
+    loop's ``diag/*`` describe the trajectory term), plus the likelihood's network evaluations per leaf
+    (its seconds are part of ``time/rollout_s``)."""
+    diag = group_diagnostics(rewards, log_p, adv)
+    out = {f"marginal_{n}": torch.tensor(v) for n, v in diag.items() if n != "adv_var_from_log_q"}
+    if "leaf_likelihood_evals_per_leaf" in rollout.info:
+        out["leaf_likelihood_evals_per_leaf"] = torch.tensor(float(rollout.info["leaf_likelihood_evals_per_leaf"]))
+    return out

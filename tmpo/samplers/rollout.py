@@ -44,6 +44,9 @@ class Rollout:
     noise: str
     nfe: int  # velocity evaluations per prompt during the rollout
     info: dict = field(default_factory=dict)
+    # [L] float64 log p_old(x_0 | prompt) in nats, the marginal density of each leaf under the rollout
+    # policy (probability-flow ODE, tmpo.likelihood); only with sampler.leaf_likelihood, else None
+    leaf_log_density: Tensor | None = None
 
     @property
     def num_groups(self) -> int:

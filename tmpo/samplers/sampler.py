@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tmpo.likelihood import LeafLikelihood, log_density
 from tmpo.policies.base import FlowPolicy
 from tmpo.samplers.plans import Plan, RolloutPlan
 from tmpo.samplers.rollout import Rollout
@@ -49,13 +52,19 @@ class FlowSampler:
         num_steps: training denoising horizon (paper: 6).
         eta: noise coefficient (paper: 0.7).
         noise: ``"cps"`` (default, what the paper's experiments ran) or ``"sde"``.
+        leaf_likelihood: ``None`` (off) or the settings of :class:`tmpo.likelihood.LeafLikelihood`
+            (``ode_steps``, ``probes``, ``exact``, ``solver``, ``chunk``): then every rollout also stores
+            each leaf's marginal ``log p_old(x_0 | prompt)`` under the rollout policy
+            (``Rollout.leaf_log_density``), for ``objective.policy_term=marginal``.
     """
 
-    def __init__(self, plan: Plan, num_steps: int = 6, eta: float = 0.7, noise: str = "cps") -> None:
+    def __init__(self, plan: Plan, num_steps: int = 6, eta: float = 0.7, noise: str = "cps",
+                 leaf_likelihood: dict | None = None) -> None:
         self.plan = plan
         self.num_steps = num_steps
         self.eta = eta
         self.noise = noise
+        self.leaf_likelihood = None if leaf_likelihood is None else LeafLikelihood.from_config(leaf_likelihood)
 
     def make_plan(self, step: int, total_steps: int, generator: torch.Generator) -> RolloutPlan:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
@@ -118,7 +127,25 @@ class FlowSampler:
                 paths = [paths[i // b] for i in range(n * b)]
             group = group.repeat_interleave(b)
             x = children
-        return self._assemble(plan, prompts, metadata, cond, x, group, store, paths, nfe)
+        rollout = self._assemble(plan, prompts, metadata, cond, x, group, store, paths, nfe)
+        if self.leaf_likelihood is not None:
+            self._store_leaf_log_density(policy, rollout, generator)
+        return rollout
+
+    def _store_leaf_log_density(self, policy: FlowPolicy, rollout: Rollout, generator: torch.Generator) -> None:
+        """``log p_old(x_0 | prompt)`` of every leaf under the rollout policy (the parameters that just
+        sampled it), each leaf's flow conditioned on its group's prompt; probes come from the rollout's
+        generator after all sampling, so the leaves are the same with the likelihood on or off."""
+        t0 = time.perf_counter()
+        group = rollout.group.to(policy.device)
+
+        def velocity(x: Tensor, sigma: Tensor, rows: Tensor) -> Tensor:
+            return policy.velocity(x, sigma, rollout.cond, group[rows])
+
+        out = log_density(velocity, rollout.leaves.to(policy.device), self.leaf_likelihood, generator, policy.dtype)
+        rollout.leaf_log_density = out.log_density.to(rollout.leaves.device)
+        rollout.info["leaf_likelihood_s"] = time.perf_counter() - t0
+        rollout.info["leaf_likelihood_evals_per_leaf"] = self.leaf_likelihood.evaluations_per_sample(rollout.latent_dim)
 
     def _assemble(self, plan, prompts, metadata, cond, leaves, group, store, paths, nfe) -> Rollout:
         if store.n_edges == 0:
