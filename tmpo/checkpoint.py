@@ -13,7 +13,7 @@ import os
 import pickle
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -36,14 +36,17 @@ def _create_temporary(path: Path) -> tuple[int, str]:
             continue
 
 
-def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Save ``state`` so that ``path`` is either the old or the new complete file, never a torn one."""
+def _replace_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Replace ``path`` by what ``write(file)`` writes: a unique temporary file beside it, fsync, rename.
+
+    ``path`` is always either the old or the new complete file, never a torn one; a failed write
+    leaves no temporary behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,57 +54,26 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Save ``state`` with ``torch.save`` so that ``path`` is either the old or the new complete file."""
+    return _replace_atomically(path, lambda f: torch.save(state, f))
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike, sort_keys: bool = False) -> Path:
     """Write ``obj`` as indented JSON through a unique temporary file and a rename (race- and crash-safe)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", path)
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Replace ``path`` with ``text`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Replace ``path`` with ``text`` (UTF-8) through a temporary file and a rename."""
+    return write_bytes_atomic(text.encode("utf-8"), path)
 
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
     """Replace ``path`` with ``data`` (e.g. a PNG) through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _replace_atomically(path, lambda f: f.write(data))
 
 
 def clean_stray_temporaries(*dirs: str | os.PathLike) -> list[Path]:
