@@ -9,7 +9,9 @@ cluster uses (``python -m tmpo.run -m experiment=<block> experiment/row=<row> tr
 hydra/launcher=local``) into a fixed directory ``runs/<scale>/<block>/<row>/seed<k>``, so a stopped
 suite continues where it was: a job with a checkpoint resumes it (``resume=auto``; the mini blocks
 checkpoint every iteration), a finished one is not rerun. ``--lanes`` jobs run at once (one thread each),
-longest first. The untouched model is evaluated on each row's first seed only (its eval is identical for
+longest first; with ``--until HH:MM`` a lane only starts a job whose estimated wall time (bench cost x
+``--wall-factor``) ends before then, taking the longest that still fits -- for machines whose session
+ends and takes the unfinished runs' directories with it. The untouched model is evaluated on each row's first seed only (its eval is identical for
 every run of a block: fixed eval noise). When a job finishes, its ``config.yaml``, ``summary.json`` and
 slimmed ``metrics.jsonl`` are copied to ``results/<scale>/records/<block>/<row>/seed<k>/`` -- what ``make
 tables`` reads and what gets committed; a job recorded there is never launched again.
@@ -175,25 +177,41 @@ def collect(jobs: list[Job]) -> list[Path]:
     return copied
 
 
-def run(jobs: list[Job], lanes: int, extra: list[str] = (), log=print) -> list[Job]:
-    """Launch every job that is neither recorded nor finished, ``lanes`` at a time, longest first;
-    record each as it finishes. Returns the jobs that failed."""
+def next_job(queue: list[Job], estimate, deadline: float | None, now: float) -> Job | None:
+    """Pop the first job of ``queue`` (longest first) whose estimated seconds ``estimate(job)`` end before
+    ``deadline`` (epoch seconds; None = no deadline); None when no job fits."""
+    for i, job in enumerate(queue):
+        if deadline is None or now + estimate(job) <= deadline:
+            return queue.pop(i)
+    return None
+
+
+def run(jobs: list[Job], lanes: int, extra: list[str] = (), log=print, deadline: float | None = None,
+        wall_factor: float = 1.0) -> list[Job]:
+    """Launch every job that is neither recorded nor finished, ``lanes`` at a time, longest first (with a
+    ``deadline``, only jobs estimated to end before it); record each as it finishes. Returns the jobs
+    that failed."""
     collect(jobs)
     todo = [j for j in jobs if job_state(j) in ("fresh", "partial")]
     try:
         costs = iteration_costs()
-        todo.sort(key=lambda j: -job_cost(j, costs) if j.scale == "mini" else 0.0)
+        estimate = (lambda j: job_cost(j, costs) * wall_factor if j.scale == "mini" else 0.0)
     except (FileNotFoundError, KeyError):
-        pass
+        if deadline is not None:
+            raise
+        estimate = (lambda j: 0.0)
+    todo.sort(key=lambda j: -estimate(j))
     queue, failed, lock = list(todo), [], threading.Lock()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
     def lane() -> None:
         while True:
             with lock:
-                if not queue:
+                job = next_job(queue, estimate, deadline, time.time())
+                if job is None:
+                    if queue:
+                        log(f"lane stops: none of the {len(queue)} remaining jobs is estimated to end before the deadline")
                     return
-                job = queue.pop(0)
             log_path = job.run_dir.parent.parent / "logs" / f"{job.row}_seed{job.seed}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
@@ -208,7 +226,8 @@ def run(jobs: list[Job], lanes: int, extra: list[str] = (), log=print) -> list[J
 
                     copy_run(job.run_dir, job.record_dir)
                 minutes = (time.time() - t0) / 60
-                log(f"done   {job.block} {job.row} seed {job.seed} in {minutes:.1f} min -> {job.record_dir}")
+                log(f"done   {job.block} {job.row} seed {job.seed} in {minutes:.1f} min (estimated "
+                    f"{estimate(job) / 60:.1f}) -> {job.record_dir}")
             else:
                 with lock:
                     failed.append(job)
@@ -223,6 +242,19 @@ def run(jobs: list[Job], lanes: int, extra: list[str] = (), log=print) -> list[J
     return failed
 
 
+def _deadline(until: str | None) -> float | None:
+    """``HH:MM`` -> the next such local time in epoch seconds."""
+    if until is None:
+        return None
+    try:
+        hour, minute = (int(x) for x in until.split(":"))
+        now = time.localtime()
+        t = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, hour, minute, 0, 0, 0, -1))
+    except (ValueError, OverflowError):
+        raise SystemExit(f"--until {until!r}: expected HH:MM, e.g. --until 16:30") from None
+    return t if t > time.time() else t + 86400
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=("plan", "run", "collect"))
@@ -232,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     ap.add_argument("--runs-root", type=Path, default=REPO / "runs", help="where runs train (gitignored)")
     ap.add_argument("--records-root", type=Path, default=REPO / "results", help="where finished runs are recorded")
+    ap.add_argument("--until", help="HH:MM (local time, today or tomorrow): start only jobs estimated to end by then")
+    ap.add_argument("--wall-factor", type=float, default=2.0,
+                    help="wall seconds per bench CPU second under load (the first suite ran ~2x)")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every job (e.g. for a smoke test)")
     args = ap.parse_args(argv)
     jobs = [j for b in expand(args.blocks) for j in block_jobs(b, args.runs_root, args.records_root, args.extra)
@@ -244,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "collect":
         collect(jobs)
         return 0
-    failed = run(jobs, args.lanes, args.extra)
+    failed = run(jobs, args.lanes, args.extra, deadline=_deadline(args.until), wall_factor=args.wall_factor)
     recorded = sum(job_state(j) == "recorded" for j in jobs)
     print(f"{recorded} of {len(jobs)} jobs recorded under {args.records_root}; {len(failed)} failed. "
           "Commit the records (git add results/<scale>/records) and run `make tables`.")

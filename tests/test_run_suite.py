@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.run_suite import EVAL_S, MMDIT_FACTOR, Job, block_jobs, iteration_costs, job_cost, job_state, main
+from experiments.run_suite import (EVAL_S, MMDIT_FACTOR, Job, block_jobs, iteration_costs, job_cost, job_state, main,
+                                  next_job)
 from synthetic_runs import write_run
 from tmpo.results.aggregate import Options, build_tables
 from tmpo.results.runs import LocalRuns
@@ -57,6 +58,18 @@ def test_job_cost_is_iterations_times_bench_plus_evaluations(tmp_path):
     assert job_cost(mmdit, costs) == pytest.approx(4 * 8.0 * MMDIT_FACTOR + EVAL_S[("mini_mmdit", "pickscore")])
     with pytest.raises(KeyError, match="no iteration time for 'flow_grpo'"):
         job_cost(job(tmp_path, method="flow_grpo"), costs)
+
+
+def test_with_a_deadline_a_lane_takes_the_longest_job_that_still_ends_in_time(tmp_path):
+    long, mid, short = (job(tmp_path, row=r) for r in ("long", "mid", "short"))
+    seconds = {"long": 500.0, "mid": 300.0, "short": 100.0}
+    estimate = (lambda j: seconds[j.row])
+    queue = [long, mid, short]
+    assert next_job(queue, estimate, deadline=1400.0, now=1000.0) is mid  # 1000 + 500 > 1400 >= 1000 + 300
+    assert queue == [long, short]
+    assert next_job(queue, estimate, deadline=1050.0, now=1000.0) is None and queue == [long, short]
+    assert next_job(queue, estimate, deadline=None, now=1e9) is long  # no deadline: plain longest first
+    assert next_job([], estimate, deadline=None, now=0.0) is None
 
 
 def test_the_mini_suite_fits_twelve_hours_on_two_lanes():
