@@ -120,6 +120,27 @@ def check_objective(o: DictConfig) -> None:
         int_at_least("objective.reset_every", o.reset_every, 1)
     if "log_prob_reduction" in o:
         one_of("objective.log_prob_reduction", o.log_prob_reduction, ("mean", "sum"))
+    if "policy_term" in o:
+        one_of("objective.policy_term", o.policy_term, ("trajectory", "uniform", "marginal"))
+    if "marginal_reduction" in o:
+        one_of("objective.marginal_reduction", o.marginal_reduction, ("sum", "mean"))
+
+
+def check_leaf_likelihood(cfg: DictConfig) -> None:
+    """``objective.policy_term=marginal`` needs the sampler's leaf densities (``sampler.leaf_likelihood``),
+    and those settings must be valid -- checked here, not at the first update after the base evaluation."""
+    settings = cfg.sampler.get("leaf_likelihood") if "sampler" in cfg else None
+    if cfg.objective.get("policy_term") == "marginal" and settings is None:
+        raise ConfigError("objective.policy_term=marginal is invalid without sampler.leaf_likelihood (each leaf's "
+                          "log p_old(x_0) that the policy term needs): use method=tmpo_marginal, or add "
+                          "'+sampler.leaf_likelihood={ode_steps: 32, probes: 1, exact: auto, solver: heun}'")
+    if settings is not None:
+        from tmpo.likelihood import LeafLikelihood
+
+        try:
+            LeafLikelihood.from_config(OmegaConf.to_container(settings, resolve=True))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
 
 
 def _positions(key: str, value: Any, s_min: int, s_max: int, why: str) -> list:
@@ -242,3 +263,4 @@ def validate_run_config(cfg: DictConfig) -> None:
     check_eval(cfg.eval)
     check_objective(cfg.objective)
     check_sampler(cfg)
+    check_leaf_likelihood(cfg)

@@ -33,6 +33,12 @@ BAD_FOR_METHOD = {
     ("mixgrpo", "sampler.num_steps=2"): r"sampler.num_steps=2 is invalid: must be >= 3",
     ("treegrpo", "sampler.plan.branch=1"): r"sampler.plan.branch=1 is invalid: must be an integer >= 2",
     ("gardo", "objective.reset_every=0"): r"objective.reset_every=0 is invalid: must be an integer >= 1",
+    ("tmpo", "objective.policy_term=marginal"):
+        r"objective.policy_term=marginal is invalid without sampler.leaf_likelihood .* method=tmpo_marginal",
+    ("tmpo", "objective.policy_term=marginl"): r"objective.policy_term='marginl' is invalid: .*trajectory, uniform, marginal",
+    ("tmpo_marginal", "objective.marginal_reduction=nats"): r"objective.marginal_reduction='nats' is invalid: .*sum, mean",
+    ("tmpo_marginal", "sampler.leaf_likelihood.solver=rk5"): r"sampler.leaf_likelihood: invalid solver='rk5' \(one of euler, heun, rk4\)",
+    ("tmpo_marginal", "sampler.leaf_likelihood.ode_steps=0"): r"sampler.leaf_likelihood: invalid ode_steps=0 \(an integer >= 1\)",
 }
 
 
