@@ -53,6 +53,15 @@ def test_updates_only_after_every_eighth_step_and_nothing_happens_off_the_cadenc
     assert ema.shadow["w"].item() == pytest.approx(4.217, abs=1e-12)
 
 
+def test_decay_zero_is_no_ema_the_shadow_is_the_live_weights_after_every_step_whatever_the_interval():
+    p, ema = _ema([0.0], decay=0.0, every=2)  # MixGRPO (no EMA) under a scale that sets ema_every=2
+    for step in range(5):  # an odd run length: an interval of 2 would leave the shadow one step behind
+        with torch.no_grad():
+            p.fill_(float(step + 1))
+        assert ema.update(step) is True
+        assert ema.shadow["w"].item() == step + 1
+
+
 def test_applied_swaps_the_ema_weights_in_and_restores_the_live_ones_even_on_error():
     p, ema = _ema([1.0, 2.0], decay=0.5)
     with torch.no_grad():

@@ -12,7 +12,9 @@ from torch import Tensor, nn
 class EMA:
     """Shadow copies updated as ``shadow = decay * shadow + (1 - decay) * param`` every ``every`` steps.
 
-    Used only for evaluation and saved checkpoints, never for sampling rollouts.
+    Used only for evaluation and saved checkpoints, never for sampling rollouts. ``decay = 0`` means no
+    EMA (MixGRPO): the shadow then follows the live weights after every step, whatever ``every`` is, so a
+    scale that stretches the interval for the other methods never makes it lag behind the last step.
     """
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float = 0.9, every: int = 8) -> None:
@@ -27,7 +29,7 @@ class EMA:
     @torch.no_grad()
     def update(self, step: int) -> bool:
         """Call after optimizer step ``step`` (0-based); updates on every ``every``-th step."""
-        if (step + 1) % self.every:
+        if (step + 1) % self.every and self.decay > 0.0:
             return False
         for n, p in self.params.items():
             self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
