@@ -29,8 +29,9 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -292,74 +293,105 @@ def lr_factor(step: int, elapsed: float, args: argparse.Namespace) -> float:
     return warm * cool
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out: Path = args.out
+def log_json(record: dict) -> None:
+    """Log one event as a JSON line on stdout."""
+    print(json.dumps(record), flush=True)
 
-    def log(record: dict) -> None:
-        print(json.dumps(record), flush=True)
 
-    if args.eval_only:
-        return reevaluate(out, args.arch, log)
-    state_file = train_state_path(out)
-    command = "python -m tmpo.policies.mini_pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
-
-    cfg = MiniConfig(arch=args.arch, width=args.width, depth=args.depth, heads=args.heads, text_layers=args.text_layers)
-    torch.manual_seed(args.seed)
-    model = Bundle(cfg)
-    ema = copy.deepcopy(model).requires_grad_(False)
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW; weight decay only on >=2-D parameters whose name has no "pos" (not biases, norms, positions)."""
     decay_params = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
     other_params = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay_params, "weight_decay": args.weight_decay}, {"params": other_params, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.99),
     )
-    rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    step, elapsed, history, loss_avg = 0, 0.0, [], float("nan")
-    resumed_from = None
-    init_card: dict | None = None
-    if state_file.exists():
-        st = safe_torch_load(state_file, what="mini pretraining state")  # weights_only: never runs code
-        if st["config"] != config_dict(cfg):
+
+
+@dataclass
+class Pretraining:
+    """One (possibly resumed) pretraining run: everything ``<out>.train_state`` holds, plus its settings."""
+
+    args: argparse.Namespace
+    cfg: MiniConfig
+    command: str
+    log: Callable[[dict], None]
+    model: Bundle
+    ema: Bundle
+    opt: torch.optim.Optimizer
+    rng: np.random.Generator  # replay buffer and caption dropout
+    gen: torch.Generator  # noise levels and noise
+    step: int = 0
+    elapsed: float = 0.0  # training seconds over all resumes (checkpoint writes included)
+    history: list = field(default_factory=list)
+    loss_avg: float = float("nan")
+    resumed_from: int | None = None
+    init_card: dict | None = None  # card of the --init checkpoint, carried through resumes
+    stop_signal: int | None = None
+
+    @property
+    def state_file(self) -> Path:
+        return train_state_path(self.args.out)
+
+    @property
+    def n_params(self) -> dict[str, int]:
+        return {"denoiser": sum(p.numel() for p in self.model.denoiser.parameters()),
+                "text_encoder": sum(p.numel() for p in self.model.text_encoder.parameters())}
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, command: str, log: Callable[[dict], None]) -> Pretraining:
+        """Build model, EMA, optimizer and rngs from ``--seed``, then resume ``<out>.train_state`` or warm start."""
+        cfg = MiniConfig(
+            arch=args.arch, width=args.width, depth=args.depth, heads=args.heads, text_layers=args.text_layers
+        )
+        torch.manual_seed(args.seed)
+        model = Bundle(cfg)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = make_optimizer(model, args)
+        rng = np.random.default_rng(args.seed)
+        gen = torch.Generator().manual_seed(args.seed)
+        run = cls(args=args, cfg=cfg, command=command, log=log, model=model, ema=ema, opt=opt, rng=rng, gen=gen)
+        if run.state_file.exists():
+            run.resume()
+        elif args.init is not None:
+            run.init_card = warm_start(model, ema, args.init, cfg)
+            log({"event": "init", "from": str(args.init), "init_steps": run.init_card.get("steps")})
+        log({"event": "start", "config": config_dict(cfg), "params": run.n_params,
+             "args": {k: str(v) for k, v in vars(args).items()}})
+        return run
+
+    def resume(self) -> None:
+        """Restore weights, optimizer, progress and rng states from ``<out>.train_state``."""
+        st = safe_torch_load(self.state_file, what="mini pretraining state")  # weights_only: never runs code
+        if st["config"] != config_dict(self.cfg):
             raise ValueError(
-                f"{state_file} was written for config {st['config']}, not {config_dict(cfg)}; "
+                f"{self.state_file} was written for config {st['config']}, not {config_dict(self.cfg)}; "
                 "pass the same architecture flags or delete the train state to start over"
             )
-        model.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["optimizer"])
-        step, elapsed, history, loss_avg = st["step"], st["elapsed"], st["history"], st["loss_avg"]
-        rng.bit_generator.state = st["numpy_rng"]
-        gen.set_state(st["torch_rng"])
-        resumed_from = step
-        init_card = st.get("init_card")
-        log({"event": "resume", "step": step, "elapsed_min": elapsed / 60, "from": str(state_file)})
-    elif args.init is not None:
-        init_card = warm_start(model, ema, args.init, cfg)
-        log({"event": "init", "from": str(args.init), "init_steps": init_card.get("steps")})
-    n_params = {"denoiser": sum(p.numel() for p in model.denoiser.parameters()),
-                "text_encoder": sum(p.numel() for p in model.text_encoder.parameters())}
-    log({"event": "start", "config": config_dict(cfg), "params": n_params, "args": {k: str(v) for k, v in vars(args).items()}})
+        self.model.load_state_dict(st["model"])
+        self.ema.load_state_dict(st["ema"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.step, self.elapsed, self.history, self.loss_avg = st["step"], st["elapsed"], st["history"], st["loss_avg"]
+        self.rng.bit_generator.state = st["numpy_rng"]
+        self.gen.set_state(st["torch_rng"])
+        self.resumed_from = self.step
+        self.init_card = st.get("init_card")
+        self.log({"event": "resume", "step": self.step, "elapsed_min": self.elapsed / 60, "from": str(self.state_file)})
 
-    tokenizer = text_tokenizer(cfg.max_text_length)
-    t_fill = time.time()
-    buffer = ReplayBuffer(args.buffer, rng)
-    log({"event": "buffer_filled", "size": args.buffer, "seconds": round(time.time() - t_fill, 1)})
-
-    def make_card(status: str, extra: dict | None = None) -> dict:
+    def card(self, status: str, extra: dict | None = None) -> dict:
+        """The model card published beside (and inside) the weights."""
+        args = self.args
         card = {
             "model": f"mini-{args.arch}",
             "plays": "FLUX.1-dev" if args.arch == "dit" else "SD3.5-Medium",
             "status": status,
-            "command": command,
+            "command": self.command,
             "seed": args.seed,
-            "steps": step,
-            "final_loss_ema": loss_avg,
-            "wall_time_min": round(elapsed / 60, 2),
-            "params": n_params,
-            "config": config_dict(cfg),
+            "steps": self.step,
+            "final_loss_ema": self.loss_avg,
+            "wall_time_min": round(self.elapsed / 60, 2),
+            "params": self.n_params,
+            "config": config_dict(self.cfg),
             "train": {
                 "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "cooldown": args.cooldown,
                 "weight_decay": args.weight_decay, "ema": args.ema, "caption_dropout": args.caption_dropout,
@@ -368,87 +400,112 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "preference test prompts can occur in pretraining captions (as web-scale pretraining would)",
                 "threads": args.threads,
             },
-            "loss_history": history[-200:],
+            "loss_history": self.history[-200:],
         }
-        if init_card is not None:
+        if self.init_card is not None:
             # Warm-started: record where the weights came from, so the total training is traceable.
-            card["init"] = {k: init_card.get(k) for k in ("command", "seed", "steps", "wall_time_min", "final_loss_ema", "init")}
-            card["steps_total"] = step + _total_steps(init_card)
-            card["wall_time_min_total"] = round(elapsed / 60 + _total_minutes(init_card), 2)
+            init = self.init_card
+            keys = ("command", "seed", "steps", "wall_time_min", "final_loss_ema", "init")
+            card["init"] = {k: init.get(k) for k in keys}
+            card["steps_total"] = self.step + _total_steps(init)
+            card["wall_time_min_total"] = round(self.elapsed / 60 + _total_minutes(init), 2)
         card.update(extra or {})
         return card
 
-    def checkpoint(status: str, extra: dict | None = None) -> None:
+    def checkpoint(self, status: str, extra: dict | None = None) -> None:
+        """Atomically write the train state, then republish the EMA weights and card."""
         save_atomic(
             {
-                "config": config_dict(cfg), "model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed, "history": history,
-                "loss_avg": loss_avg, "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(),
-                "init_card": init_card,
+                "config": config_dict(self.cfg), "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.opt.state_dict(), "step": self.step, "elapsed": self.elapsed, "history": self.history,
+                "loss_avg": self.loss_avg, "numpy_rng": self.rng.bit_generator.state, "torch_rng": self.gen.get_state(),
+                "init_card": self.init_card,
             },
-            state_file,
+            self.state_file,
         )
-        publish(published_state(ema, cfg, make_card(status, extra)), out)
+        publish(published_state(self.ema, self.cfg, self.card(status, extra)), self.args.out)
 
-    stop = {"signal": None}
+    def train_step(self, buffer: ReplayBuffer, tokenizer: Callable) -> float:
+        """One flow-matching step (logit-normal sigma, MSE to the velocity ``x1 - x0``) + EMA update; returns the loss."""
+        args, t0 = self.args, time.time()
+        buffer.refresh(args.fresh)
+        x0, prompts = buffer.batch(args.batch)
+        drop = self.rng.random(len(prompts)) < args.caption_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop)]
+        ids, mask = tokenizer(prompts)
+        sigma = torch.sigmoid(torch.randn(args.batch, generator=self.gen))
+        x1 = torch.randn(x0.shape, generator=self.gen)
+        xs = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * x1
+        for g in self.opt.param_groups:
+            g["lr"] = args.lr * lr_factor(self.step, self.elapsed, args)
+        loss = ((self.model(xs, sigma, ids, mask) - (x1 - x0)) ** 2).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.step += 1
+        ema_update(self.ema, self.model, min(args.ema, (1 + self.step) / (10 + self.step)))
+        lv = float(loss.item())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"non-finite loss {lv} at step {self.step}; not checkpointing this state")
+        self.loss_avg = lv if math.isnan(self.loss_avg) else 0.99 * self.loss_avg + 0.01 * lv
+        self.elapsed += time.time() - t0
+        return lv
 
-    def on_signal(signum, frame) -> None:  # finish the current step, checkpoint, exit
-        stop["signal"] = signum
+    def _on_signal(self, signum, frame) -> None:  # finish the current step, checkpoint, exit
+        self.stop_signal = signum
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    budget = args.minutes * 60
-    last_ckpt = time.time()
-    t_log, step_log = time.time(), step
-    window: list[float] = []
-    try:
-        while elapsed < budget and (args.steps is None or step < args.steps) and stop["signal"] is None:
-            t0 = time.time()
-            buffer.refresh(args.fresh)
-            x0, prompts = buffer.batch(args.batch)
-            drop = rng.random(len(prompts)) < args.caption_dropout
-            prompts = ["" if d else p for p, d in zip(prompts, drop)]
-            ids, mask = tokenizer(prompts)
-            sigma = torch.sigmoid(torch.randn(args.batch, generator=gen))
-            x1 = torch.randn(x0.shape, generator=gen)
-            xs = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * x1
-            for g in opt.param_groups:
-                g["lr"] = args.lr * lr_factor(step, elapsed, args)
-            loss = ((model(xs, sigma, ids, mask) - (x1 - x0)) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
-            lv = float(loss.item())
-            if not math.isfinite(lv):
-                raise FloatingPointError(f"non-finite loss {lv} at step {step}; not checkpointing this state")
-            loss_avg = lv if math.isnan(loss_avg) else 0.99 * loss_avg + 0.01 * lv
-            window.append(lv)
-            elapsed += time.time() - t0
-            if step % args.log_every == 0:
-                now = time.time()
-                rec = {"step": step, "loss": sum(window) / len(window), "loss_ema": loss_avg,
-                       "lr": opt.param_groups[0]["lr"], "it_s": (step - step_log) / max(1e-9, now - t_log),
-                       "elapsed_min": round(elapsed / 60, 2)}
-                history.append([step, round(rec["loss"], 5)])
-                log(rec)
-                window, t_log, step_log = [], now, step
-            if time.time() - last_ckpt >= args.checkpoint_minutes * 60:
-                t_c = time.time()
-                checkpoint("training")
-                elapsed += time.time() - t_c
-                last_ckpt = time.time()
-                log({"event": "checkpoint", "step": step, "seconds": round(time.time() - t_c, 2)})
-        checkpoint("training" if stop["signal"] is not None else "trained")
-        log({"event": "stopped", "step": step, "elapsed_min": round(elapsed / 60, 2), "signal": stop["signal"]})
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    summary = {"step": step, "resumed_from": resumed_from, "loss_avg": loss_avg, "elapsed": elapsed}
-    if stop["signal"] is not None or args.no_eval:
+    def run(self) -> dict[str, Any]:
+        """Train until the time or step budget or a SIGTERM/SIGINT, checkpointing on the way and at the end."""
+        args = self.args
+        tokenizer = text_tokenizer(self.cfg.max_text_length)
+        t_fill = time.time()
+        buffer = ReplayBuffer(args.buffer, self.rng)
+        self.log({"event": "buffer_filled", "size": args.buffer, "seconds": round(time.time() - t_fill, 1)})
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        budget = args.minutes * 60
+        last_ckpt = time.time()
+        t_log, step_log = time.time(), self.step
+        window: list[float] = []
+        try:
+            while self.elapsed < budget and (args.steps is None or self.step < args.steps) and self.stop_signal is None:
+                window.append(self.train_step(buffer, tokenizer))
+                if self.step % args.log_every == 0:
+                    now = time.time()
+                    rec = {"step": self.step, "loss": sum(window) / len(window), "loss_ema": self.loss_avg,
+                           "lr": self.opt.param_groups[0]["lr"],
+                           "it_s": (self.step - step_log) / max(1e-9, now - t_log),
+                           "elapsed_min": round(self.elapsed / 60, 2)}
+                    self.history.append([self.step, round(rec["loss"], 5)])
+                    self.log(rec)
+                    window, t_log, step_log = [], now, self.step
+                if time.time() - last_ckpt >= args.checkpoint_minutes * 60:
+                    t_c = time.time()
+                    self.checkpoint("training")
+                    self.elapsed += time.time() - t_c
+                    last_ckpt = time.time()
+                    self.log({"event": "checkpoint", "step": self.step, "seconds": round(time.time() - t_c, 2)})
+            self.checkpoint("training" if self.stop_signal is not None else "trained")
+            self.log({"event": "stopped", "step": self.step, "elapsed_min": round(self.elapsed / 60, 2),
+                      "signal": self.stop_signal})
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        return {"step": self.step, "resumed_from": self.resumed_from, "loss_avg": self.loss_avg,
+                "elapsed": self.elapsed}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.eval_only:
+        return reevaluate(args.out, args.arch, log_json)
+    command = "python -m tmpo.policies.mini_pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
+    run = Pretraining.from_args(args, command, log_json)
+    summary = run.run()
+    if run.stop_signal is not None or args.no_eval:
         return summary
-    summary["metrics"] = reevaluate(out, args.arch, log)  # the "trained" checkpoint above is what gets scored
+    summary["metrics"] = reevaluate(args.out, args.arch, log_json)  # the "trained" checkpoint above is what gets scored
     return summary
 
 
