@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tmpo.distributed import Processes
 from tmpo.metrics.noise import eval_noise
 from tmpo.metrics.task import RewardMetric
 from tmpo.policies.base import FlowPolicy
@@ -47,6 +48,10 @@ class Evaluator:
         samples_per_prompt: 10 in the paper.
         num_steps: eval horizon (28 in the paper).
         seed: fixed noise so evaluations at different steps are comparable.
+
+    With several processes (:attr:`processes`, set by the loop) each samples and scores a contiguous block
+    of the test prompts, from the initial noises the whole set draws; per-image scores, samples and latents
+    are gathered back in prompt order, so every metric sees every sample exactly once, as one process would.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class Evaluator:
         self.suites = [EvalSuite("task", prompts, list(metrics), max_prompts), *suites]
         self.samples_per_prompt, self.num_steps, self.seed, self.progress = samples_per_prompt, num_steps, seed, progress
         self.noise: dict[str, float] = {}  # of the last call, per metric name (see __call__)
+        self.processes = Processes()  # several processes share the evaluation (set by the loop)
 
     def _run_suite(self, policy: FlowPolicy, suite: EvalSuite, with_reward: bool) -> dict[str, float]:
         test = suite.prompts.test()[: suite.max_prompts]
@@ -73,24 +79,32 @@ class Evaluator:
         n = suite.samples_per_prompt or self.samples_per_prompt
         texts = [t for t, _ in test]
         gen = torch.Generator().manual_seed(self.seed)
-        latents = sample_ode(policy, texts, n, self.num_steps, gen, progress=self.progress)
+        dist = self.processes
+        own, counts = dist.eval_part(len(test))  # this process's prompts (all of them when alone)
+        rows = [k * n for k in counts]  # samples per process
+        latents = sample_ode(policy, texts, n, self.num_steps, gen, progress=self.progress,
+                             shard=own if dist.distributed else None)
         with torch.no_grad():
             samples = policy.decode(latents)
-        rep_texts = [t for t in texts for _ in range(n)]
-        rep_meta = [{**m, "group": g} for g, (_, m) in enumerate(test) for _ in range(n)]
+        rep_texts = [t for t in texts[own] for _ in range(n)]
+        rep_meta = [{**m, "group": g} for g, (_, m) in enumerate(test) if own.start <= g < own.stop for _ in range(n)]
+        if any(not isinstance(m, RewardMetric) for m in suite.metrics):  # metrics of the whole set see every sample
+            every_sample, every_latent = dist.gather_rows(samples, rows), dist.gather_rows(latents, rows)
+        all_texts = [t for t in texts for _ in range(n)]
+        all_meta = [{**m, "group": g} for g, (_, m) in enumerate(test) for _ in range(n)]
         out: dict[str, float] = {}
         if with_reward:
             rewards, _ = self.reward(samples, rep_texts, rep_meta)
-            rewards = torch.as_tensor(rewards).float()
+            rewards = dist.gather_rows(torch.as_tensor(rewards).float(), rows)
             out["reward"] = float(rewards.mean())
             self.noise["reward"] = eval_noise(rewards, n)
         for metric in suite.metrics:
             if isinstance(metric, RewardMetric):  # a mean over images: its spread over eval seeds is known
-                scores = metric.per_image(samples, rep_texts, rep_meta)
+                scores = dist.gather_rows(torch.as_tensor(metric.per_image(samples, rep_texts, rep_meta)), rows)
                 values = {metric.name: float(scores.mean())}
                 self.noise[metric.name] = eval_noise(scores, n)
-            else:
-                values = metric(samples, latents, rep_texts, rep_meta, n)
+            else:  # a metric of the whole sample set (diversity): it sees every process's samples
+                values = metric(every_sample, every_latent, all_texts, all_meta, n)
             for k, v in values.items():
                 if k in out:
                     raise ValueError(f"eval metric name {k!r} is produced twice; rename one of the metrics")
@@ -109,3 +123,4 @@ class Evaluator:
                 raise ValueError(f"eval suite {suite.name!r} repeats metric names {sorted(clash)}")
             out.update(res)
         return out
+

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from tmpo.checkpoint import LATEST, load_checkpoint, save_atomic
 from tmpo.diagnostics import group_diagnostics
+from tmpo.distributed import Processes, check_minibatches
 from tmpo.ema import EMA
 from tmpo.evaluation import Evaluator
 from tmpo.faults import NonFiniteError, degenerate_advantages, eval_fault, rollout_fault
@@ -30,6 +31,7 @@ from tmpo.objectives.base import Objective
 from tmpo.policies.base import FlowPolicy
 from tmpo.prompts import PromptSource
 from tmpo.samplers.sampler import FlowSampler
+from tmpo.seeding import GroupGenerators
 from tmpo.signals import GracefulStop, Preempted
 from tmpo.update import policy_update
 
@@ -63,6 +65,25 @@ class TrainerConfig:
     progress: bool = True
     keep_last_good: bool = True  # CPU copy of the state at each iteration's start, checkpointed on a fault
     lr_scale: float = 1.0  # the optimizer's lr is lr * lr_scale: a scale's factor on the paper's per-method lrs
+    # rollout noise: batch = one stream for the iteration's whole batch; group = one stream per prompt group
+    # from (seed, step, the group's index in the batch), the same rollouts whatever the number of processes;
+    # auto = group when several processes share the batch (tmpo.distributed), else batch
+    noise_seeding: str = "auto"
+
+
+NOISE_SEEDINGS = ("auto", "batch", "group")
+
+
+def resolve_noise_seeding(value: str, world_size: int) -> str:
+    """``trainer.noise_seeding`` -> ``"batch" | "group"`` for a run of ``world_size`` processes."""
+    if value not in NOISE_SEEDINGS:
+        raise ValueError(f"trainer.noise_seeding={value!r}; valid options: {', '.join(NOISE_SEEDINGS)}")
+    if value == "batch" and world_size > 1:
+        raise ValueError(f"trainer.noise_seeding=batch draws the whole batch's noise from one stream, which {world_size} "
+                         "processes holding parts of the batch cannot share; use group (or auto)")
+    if value == "auto":
+        return "group" if world_size > 1 else "batch"
+    return value
 
 
 def _seed_for(seed: int, step: int, stream: int) -> int:
@@ -83,6 +104,7 @@ class Trainer:
         cfg: TrainerConfig,
         run_dir: str | Path,
         run_config: dict | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self.policy, self.sampler, self.reward, self.objective = policy, sampler, reward, objective
         self.prompts, self.evaluator, self.logger, self.cfg = prompts, evaluator, logger, cfg
@@ -106,6 +128,20 @@ class Trainer:
         self._saved_step: int | None = None
         self._pending_good: dict | None = None  # state at this iteration's start, until its rollout is finite
         self._last_good: dict | None = None  # the latest state whose rollout was finite (tmpo.faults)
+        self.processes = processes or Processes()  # one process, or several sharing each batch (tmpo.distributed)
+        self.noise_seeding = resolve_noise_seeding(cfg.noise_seeding, self.processes.world_size)
+        if self.processes.distributed:
+            self._share_work()
+
+    def _share_work(self) -> None:
+        """Several processes: check the batch splits evenly, hand the processes to the parts that gather
+        batch-wide statistics, and wrap the policy for gradient synchronisation."""
+        self.processes.groups(self.cfg.prompts_per_step)
+        check_minibatches(self.cfg.minibatches, self.cfg.minibatch_split, self.cfg.prompts_per_step, self.processes.world_size)
+        self.objective.processes = self.processes
+        if self.evaluator is not None:
+            self.evaluator.processes = self.processes
+        self.processes.prepare(self.policy)
 
     def _lr_factor(self, step: int) -> float:
         """Cosine annealing from 1 to ``lr_min_ratio`` over the run (App. D.4), or a constant 1."""
@@ -120,12 +156,15 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         rng = np.random.default_rng(_seed_for(self.cfg.seed, step, 0))
-        batch = self.prompts.train(self.cfg.prompts_per_step, rng)
+        batch = self.prompts.train(self.cfg.prompts_per_step, rng)  # the global batch: the same on every process
+        own = self.processes.groups(len(batch))
+        batch = [batch[i] for i in own]
         texts, meta = [t for t, _ in batch], [m for _, m in batch]
-        gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, 1))
-        rollout = self.sampler.rollout(self.policy, texts, meta, step, self.cfg.total_steps, gen)
-        t_rollout = time.perf_counter()
-        samples, rewards, reward_info = self.score(rollout)
+        if self.noise_seeding == "group":
+            gen = GroupGenerators(self.cfg.seed, step, 1, own)
+        else:
+            gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, 1))
+        rollout, t_rollout, samples, rewards, reward_info = self._sample_and_score(texts, meta, step, gen)
         prepared = self.objective.prepare(rollout, rewards, step, samples=samples, reward_info=reward_info)
         t_reward = time.perf_counter()  # decode, reward and advantages (GARDO's features and aux rewards)
         stats = policy_update(
@@ -134,19 +173,22 @@ class Trainer:
             parent_chunk=self.cfg.parent_chunk, grad_clip=self.cfg.grad_clip,
             minibatch_split=self.cfg.minibatch_split,
             generator=torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, 2)),
+            processes=self.processes,
         )
         t_update = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.ema.update(step)
-        g, k = rollout.num_groups, rollout.group_size
+        k = rollout.group_size
+        g = rollout.num_groups * self.processes.world_size  # groups in the global batch; stats are global
         metrics = {f"train/{n}": v for n, v in stats.items() if not n.startswith("fwd_")}
         metrics.update({f"nfe/{n[4:]}_per_prompt": v / g for n, v in stats.items() if n.startswith("fwd_")})
         metrics["nfe/sample_per_prompt"] = float(rollout.nfe)
         metrics.update({f"train/{n}": v for n, v in self.objective.after_update(self.policy, stats, step).items()})
-        metrics.update({f"train/{n}": float(v) for n, v in prepared.stats.items()})
+        metrics.update({f"train/{n}": float(v) for n, v in self._global_means(prepared.stats).items()})
         adv = prepared.leaf_adv if prepared.leaf_adv is not None else torch.full_like(rewards, float("nan"))
         log_p_traj = rollout.trajectory_log_prob_old() * self.objective.log_prob_scale(rollout.latent_dim)
+        rewards, adv, log_p_traj = (self.processes.gather(t) for t in (rewards, adv, log_p_traj))  # global batch
         diag = group_diagnostics(rewards.view(g, k), log_p_traj.view(g, k), adv.view(g, k))
         metrics.update({f"diag/{n}": v for n, v in diag.items()})
         metrics.update({
@@ -157,13 +199,43 @@ class Trainer:
             "train/lr": lr,
             "train/group_size": float(k),
             "train/nfe": float(rollout.nfe),
-            "train/edges_per_prompt": float(rollout.edge_x_next.shape[0] / g),
+            "train/edges_per_prompt": float(int(self.processes.sum(torch.tensor(rollout.edge_x_next.shape[0]))) / g),
             "time/rollout_s": t_rollout - t0,
             "time/reward_s": t_reward - t_rollout,
             "time/update_s": t_update - t_reward,
             "iter_time_s": time.perf_counter() - t0,
         })
         return metrics
+
+    def _sample_and_score(self, texts: list[str], meta: list[dict], step: int, gen) -> tuple:
+        """Roll out and score this process's prompts -> ``(rollout, t_rollout, samples, rewards, info)``.
+
+        With several processes a non-finite rollout or reward on any of them stops all of them at this
+        iteration; the last good state is then the one every process agreed was good before it."""
+        before = self._last_good
+        error: Exception | None = None
+        rollout = t_rollout = samples = rewards = reward_info = None
+        try:
+            rollout = self.sampler.rollout(self.policy, texts, meta, step, self.cfg.total_steps, gen)
+            t_rollout = time.perf_counter()
+            samples, rewards, reward_info = self.score(rollout)
+        except NonFiniteError as e:
+            if not self.processes.distributed:
+                raise
+            error = e
+        if self.processes.distributed:
+            try:
+                self.processes.check_faults(error, step + 1)
+            except NonFiniteError:
+                self._last_good = before
+                raise
+        return rollout, t_rollout, samples, rewards, reward_info
+
+    def _global_means(self, stats: dict[str, Any]) -> dict[str, float]:
+        """Per-process statistics (means over equally many leaves) as means over processes."""
+        if not stats or not self.processes.distributed:
+            return stats
+        return self.processes.reduce_steps([{n: float(v) for n, v in stats.items()}], (), ())[0]
 
     def score(self, rollout) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Decode and score the leaves -> ``(samples, rewards [L], reward info)``.
@@ -247,9 +319,13 @@ class Trainer:
         }
 
     def save(self, finished: bool = False, summary: dict | None = None) -> Path:
-        path = save_atomic(self.state_dict(finished, summary), self.run_dir / "checkpoints" / LATEST)
+        """Checkpoint (rank 0 writes; every process waits until it is on disk)."""
+        path = self.run_dir / "checkpoints" / LATEST
+        if self.processes.is_main:
+            path = save_atomic(self.state_dict(finished, summary), path)
+            _log.debug("checkpoint after iteration %d: %s", self.step, path)
+        self.processes.barrier()
         self._saved_step = self.step
-        _log.debug("checkpoint after iteration %d: %s", self.step, path)
         return path
 
     def load(self, path: str | Path | dict[str, Any]) -> None:
@@ -318,7 +394,10 @@ class Trainer:
         good = self._last_good
         if good is None:
             raise error
-        path = save_atomic(good, self.run_dir / "checkpoints" / LATEST)
+        path = self.run_dir / "checkpoints" / LATEST
+        if self.processes.is_main:
+            path = save_atomic(good, path)
+        self.processes.barrier()
         self._saved_step = None
         where = f"after iteration {good['step']}" if good["step"] else "the initial state"
         head = str(error) if isinstance(error, NonFiniteError) else f"iteration {self.step + 1}: {error}"
@@ -349,7 +428,7 @@ class Trainer:
                 self.base_metrics = self.evaluate()
                 self.logger.log({f"base/{k}": v for k, v in self.base_metrics.items()}, step=0)
             last, times = self._train(stop)
-            if stop.requested:
+            if self._stop_agreed(stop):
                 self._stop(stop)
             if self._saved_step != self.step:
                 self.save()  # a preemption during a long final eval loses no training
@@ -373,14 +452,14 @@ class Trainer:
         """The iterations from ``self.step`` to ``total_steps``; returns the last metrics row and iteration times."""
         last: dict[str, float] = {}
         times: list[float] = []
-        bar = tqdm(range(self.step, self.cfg.total_steps), desc="train", disable=not self.cfg.progress,
+        bar = tqdm(range(self.step, self.cfg.total_steps), desc="train", disable=not self.cfg.progress or not self.processes.is_main,
                    initial=self.step, total=self.cfg.total_steps, mininterval=1.0)
         with bar:
             for step in bar:
-                if stop.requested:
+                if self._stop_agreed(stop):
                     break
-                if self.cfg.keep_last_good:
-                    self._pending_good = self._snapshot()
+                if self.cfg.keep_last_good:  # only rank 0 writes it: the others keep which step it is
+                    self._pending_good = self._snapshot() if self.processes.is_main else {"step": self.step}
                 try:
                     last = self.train_step(step)
                 except (NonFiniteError, FloatingPointError) as e:
@@ -397,6 +476,13 @@ class Trainer:
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save()
         return last, times
+
+    def _stop_agreed(self, stop: GracefulStop) -> bool:
+        """Whether any process received a stop signal (then all stop at the same iteration boundary)."""
+        signum = self.processes.agree_stop(stop.signum)
+        if signum is not None and stop.signum is None:
+            stop.signum = signum
+        return stop.requested
 
     def _finished_summary(self) -> dict[str, float]:
         """A resumed run that already finished: report it, restore a missing summary.json, train nothing."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tmpo.checkpoint import write_json_atomic
 from tmpo.config import GRID_KEYS, ConfigError, config_dir, register_configs, to_container, validate_targets
+from tmpo.distributed import Processes, SilentLogger, from_environment, log_to_rank_file, shared_run_dir_overrides
 from tmpo.evaluation import EvalSuite, Evaluator
 from tmpo.faults import NonFiniteError
 from tmpo.logger import RunLogger
@@ -81,11 +83,14 @@ def run_choices(cfg: DictConfig) -> dict[str, str]:
 
 
 def build_trainer(cfg: DictConfig, plan: RunPlan | None = None, labels: dict | None = None,
-                  choices: dict | None = None) -> Trainer:
+                  choices: dict | None = None, processes: Processes | None = None) -> Trainer:
     """Instantiate every component from a composed config and wire them into the shared loop.
 
-    With ``resume=auto|<run dir>`` the trainer holds the checkpoint to continue (``trainer.run()`` loads it)."""
+    With ``resume=auto|<run dir>`` the trainer holds the checkpoint to continue (``trainer.run()`` loads it).
+    ``processes``: the processes sharing the run (:func:`tmpo.distributed.from_environment`); only rank 0
+    writes the run's files."""
     plan = plan or prepare_run(cfg)
+    processes = processes or Processes()
     trainer_cfg = TrainerConfig(**to_container(cfg.trainer))
     seed_everything(trainer_cfg.seed)  # before anything random is built: LoRA's start weights follow the seed
     if trainer_cfg.threads:
@@ -104,15 +109,18 @@ def build_trainer(cfg: DictConfig, plan: RunPlan | None = None, labels: dict | N
         for name, s in cfg.reward.suites.items()
     ]
     eval_kw = {k: v for k, v in to_container(cfg.eval).items() if k not in GRID_KEYS}
-    evaluator = Evaluator(prompts, reward, metrics, suites, progress=trainer_cfg.progress, **eval_kw)
-    record_start(plan, cfg)  # the first write: config.yaml (and resumes.jsonl for a resume)
-    wandb_kw = to_container(cfg.logger) if cfg.logger is not None else None
-    logger = RunLogger(plan.run_dir, wandb=wandb_kw, config=to_container(cfg), wandb_id=plan.wandb_id,
-                       labels=labels, choices=choices or run_choices(cfg))
-    if plan.mode == "restart":
-        logger.restart()
+    evaluator = Evaluator(prompts, reward, metrics, suites, progress=trainer_cfg.progress and processes.is_main, **eval_kw)
+    if processes.is_main:
+        record_start(plan, cfg)  # the first write: config.yaml (and resumes.jsonl for a resume)
+        wandb_kw = to_container(cfg.logger) if cfg.logger is not None else None
+        logger = RunLogger(plan.run_dir, wandb=wandb_kw, config=to_container(cfg), wandb_id=plan.wandb_id,
+                           labels=labels, choices=choices or run_choices(cfg))
+        if plan.mode == "restart":
+            logger.restart()
+    else:
+        logger = SilentLogger()
     trainer = Trainer(policy, sampler, reward, objective, prompts, evaluator, logger, trainer_cfg, plan.run_dir,
-                      run_config=to_container(cfg))
+                      run_config=to_container(cfg), processes=processes)
     trainer.initial_state = initial_state
     if plan.mode in ("resume", "finished"):
         trainer.resume_state = plan.state
@@ -145,7 +153,11 @@ def write_samples_png(trainer: Trainer, cfg: DictConfig) -> Path | None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    processes = from_environment()  # first: a process's GPU is set before any model is built
+    if not processes.is_main:
+        log_to_rank_file(processes.rank)
     plan = prepare_run(cfg)
+    processes.barrier()  # every process has read the run dir (fresh or resume) before rank 0 writes to it
     labels = run_labels(to_container(cfg))  # method, seed, the experiment's table/protocol/row/scale, git commit
     choices = run_choices(cfg)
     summary_path = Path(plan.run_dir) / "summary.json"
@@ -155,13 +167,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary = plan.summary or {}
         _log.warning("the run in %s is finished (step %d of %d): nothing to train; raise trainer.total_steps to "
                      "continue it", plan.run_dir, plan.step, cfg.trainer.total_steps)
-        if not summary_path.exists() and summary:
+        if not summary_path.exists() and summary and processes.is_main:
             _write_summary(summary, labels, summary_path)
         return summary
     try:
-        trainer = build_trainer(cfg, plan, labels, choices)
+        trainer = build_trainer(cfg, plan, labels, choices, processes)
     except Exception:
-        if plan.mode == "fresh":
+        if plan.mode == "fresh" and processes.is_main:
             from tmpo.startup import remove_empty_run_dir
 
             remove_empty_run_dir(plan.run_dir)  # only Hydra's files: a failed start leaves no empty run dir
@@ -169,9 +181,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _log.debug("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     try:
         summary = trainer.run()
-        write_samples_png(trainer, cfg)
+        if processes.is_main:
+            write_samples_png(trainer, cfg)
     except Preempted:
         trainer.logger.finish(preempting=True)
+        processes.barrier()  # rank 0's files are complete before any process exits for the requeue
         raise
     finally:
         trainer.logger.finish()
@@ -200,7 +214,8 @@ def main(cfg: DictConfig) -> float | None:
         raise SystemExit(f"run stopped: {e}") from None
     table = format_table(summary, cfg.run_dir, run_title(cfg, summary), cfg.trainer.ema_decay, cfg.trainer.ema_every)
     _log.debug("summary table:\n%s", table)
-    print(table, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # several processes print one table
+        print(table, flush=True)
     return summary.get("reward")
 
 
@@ -213,6 +228,7 @@ def cli(argv: list[str] | None = None) -> None:
         check_command_line(argv)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    sys.argv.extend(shared_run_dir_overrides(argv))  # several processes (accelerate launch): one run dir
     main()
 
 

@@ -1,4 +1,5 @@
-"""One seed for every random number generator a run touches, set before anything is built."""
+"""One seed for every random number generator a run touches, set before anything is built, and the
+per-(seed, step, stream[, group]) streams the loop draws prompts and noise from."""
 
 from __future__ import annotations
 
@@ -18,3 +19,52 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def stream_seed(*entropy: int) -> int:
+    """A reproducible 63-bit seed from integers (run seed, step, stream[, group]) via ``SeedSequence``:
+    different tuples give independent streams, the same tuple the same stream on every process."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+
+
+class GroupGenerators:
+    """One noise generator per prompt group, so a group's noise does not depend on which other groups
+    share its batch or its process (``trainer.noise_seeding=group``).
+
+    The rollout plan is shared by every group of an iteration and comes from :attr:`plan`, seeded like the
+    whole-batch generator of ``noise_seeding=batch`` (so both draw the same plans). Group ``g`` (its index
+    in the *global* batch of the iteration) draws from ``SeedSequence([seed, step, stream, g])``. A
+    process holding groups ``[a, b)`` draws exactly the rows the one-process run draws for them.
+
+    Args:
+        seed, step, stream: as the loop's per-(seed, step, stream) generators.
+        groups: the global indices of the groups this process holds, in batch order.
+    """
+
+    def __init__(self, seed: int, step: int, stream: int, groups: range | list[int]) -> None:
+        self.groups = list(groups)
+        if not self.groups:
+            raise ValueError("GroupGenerators needs at least one group")
+        self.plan = torch.Generator().manual_seed(stream_seed(seed, step, stream))
+        self._gens = [torch.Generator().manual_seed(stream_seed(seed, step, stream, g)) for g in self.groups]
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """``[rows, *S]`` standard normals; the rows are group-major, ``rows / G`` per group (the sampler's
+        layout: every group holds the same number of states at every step), each group's from its own stream."""
+        rows, rest = shape[0], tuple(shape[1:])
+        if rows % len(self._gens):
+            raise ValueError(f"{rows} rows cannot be split evenly over {len(self._gens)} groups")
+        per = rows // len(self._gens)
+        return torch.cat([torch.randn((per, *rest), generator=g, dtype=dtype) for g in self._gens])
+
+
+def standard_normal(generator: torch.Generator | GroupGenerators, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.randn(shape)`` from a whole-batch generator, or per group from :class:`GroupGenerators`."""
+    if isinstance(generator, GroupGenerators):
+        return generator.randn(tuple(shape), dtype)
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype)
+
+
+def plan_generator(generator: torch.Generator | GroupGenerators) -> torch.Generator:
+    """The generator the rollout plan (and anything shared by all groups) is drawn from."""
+    return generator.plan if isinstance(generator, GroupGenerators) else generator

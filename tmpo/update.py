@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tmpo.distributed import Processes
 from tmpo.objectives.base import Minibatch, Objective, Prepared
 from tmpo.policies.base import FlowPolicy
 from tmpo.samplers.rollout import Rollout
@@ -29,7 +30,8 @@ from tmpo.sde import gaussian_kl_equal_std, reference_kl, transition_log_prob
 MINIBATCH_SPLITS = ("groups", "leaves", "group_leaves")
 
 
-def kl_parent_weights(rollout: Rollout, mb: Minibatch, leaf_weight: Tensor | None, parent_ids: Tensor) -> tuple[Tensor, Tensor]:
+def kl_parent_weights(rollout: Rollout, mb: Minibatch, leaf_weight: Tensor | None, parent_ids: Tensor,
+                      processes: Processes | None = None) -> tuple[Tensor, Tensor]:
     """Weights of each parent's KL term so that the KL penalty is the (leaf-weighted) mean over leaves of
     the mean KL along each leaf's stored, trainable steps, and the share of the minibatch's leaves that
     carry weight.
@@ -37,6 +39,10 @@ def kl_parent_weights(rollout: Rollout, mb: Minibatch, leaf_weight: Tensor | Non
     Returns ``(weights [len(parent_ids)], weighted_share [])``: the weights sum to 1 (or 0 if every leaf
     weight is 0, e.g. GARDO's gate flagged nothing); ``weighted_share = sum(w) / n_leaves`` turns the
     penalty (a mean over weighted leaves) into a mean over *all* leaves with zeros for unweighted ones.
+
+    With several ``processes`` the mean is over the global minibatch (every process's part of it): the
+    weights are normalised by the global weight total and multiplied by the number of processes, which
+    DDP's gradient average divides out again; they sum to ``W * (local total / global total)``.
     """
     trainable = (~mb.edge_is_prior).to(mb.path.dtype)
     path = mb.path * trainable[None, :]
@@ -44,10 +50,15 @@ def kl_parent_weights(rollout: Rollout, mb: Minibatch, leaf_weight: Tensor | Non
     dev = path.device
     w = torch.ones(mb.leaf_ids.numel(), dtype=path.dtype, device=dev) if leaf_weight is None else leaf_weight[mb.leaf_ids].to(path.dtype)
     total = w.sum()
+    n_leaves = mb.leaf_ids.numel()
+    if processes is not None and processes.distributed:
+        total = processes.sum(total)
+        n_leaves = int(processes.sum(torch.tensor(n_leaves)))
+        w = w * processes.world_size
     edge_w = (w / steps) @ path / total if total > 0 else torch.zeros(path.shape[1], dtype=path.dtype, device=dev)
     out = torch.zeros(parent_ids.numel(), dtype=path.dtype, device=dev)
     out.index_add_(0, _local_index(rollout, parent_ids)[rollout.edge_parent[mb.edge_ids]], edge_w)
-    return out, total / max(mb.leaf_ids.numel(), 1)
+    return out, total / max(n_leaves, 1)
 
 
 def _local_index(rollout: Rollout, parent_ids: Tensor) -> Tensor:
@@ -124,13 +135,16 @@ def minibatch_gradient(
     parent_chunk: int,
     fresh: bool = False,
     ref_means: Tensor | None = None,
+    processes: Processes | None = None,
 ) -> dict[str, Tensor]:
     """Accumulate ``d(loss)/d(theta)`` of one minibatch into ``.grad`` (two passes, see module doc).
 
     ``fresh=True`` asserts that the parameters are still the rollout's (first step after it).
     ``ref_means`` are the reference means at every stored parent (:func:`reference_means`); needed
-    when ``objective.kl_coef > 0``.
+    when ``objective.kl_coef > 0``. With several ``processes`` every chunk's forward and backward run
+    through their gradient wrapper, and only the last chunk's backward communicates (``no_sync`` before).
     """
+    processes = processes or Processes()
     parent_ids = torch.unique(rollout.edge_parent[mb.edge_ids])
     edge_rows = _local_index(rollout, parent_ids)[rollout.edge_parent[mb.edge_ids]]  # [e] row in parent_ids
     log_prob, edge_bias, stats = _pass_one(policy, rollout, mb, parent_ids, edge_rows, parent_chunk, fresh)
@@ -142,25 +156,27 @@ def minibatch_gradient(
     use_kl = objective.kl_coef > 0
     if use_kl and ref_means is None:
         raise ValueError("objective.kl_coef > 0 needs the reference means (update.reference_means)")
-    kl_w, weighted_share = kl_parent_weights(rollout, mb, prepared.kl_leaf_weight, parent_ids) if use_kl else (None, 0.0)
+    kl_w, weighted_share = kl_parent_weights(rollout, mb, prepared.kl_leaf_weight, parent_ids, processes) if use_kl else (None, 0.0)
     kl_total = torch.zeros((), device=lp.device)
     model_rows = torch.nonzero(~rollout.parent_is_prior[parent_ids]).squeeze(1)
-    for rows in _chunks(model_rows, parent_chunk):
-        ids = parent_ids[rows]
-        chunk_pos = torch.full((parent_ids.numel(),), -1, dtype=torch.long, device=rows.device)
-        chunk_pos[rows] = torch.arange(rows.numel(), device=rows.device)
-        sel = torch.nonzero(chunk_pos[edge_rows] >= 0).squeeze(1)  # minibatch edges whose parent is in this chunk
-        means_c = recompute_means(policy, rollout, ids)
-        e_ids = mb.edge_ids[sel]
-        lp_c = transition_log_prob(rollout.edge_x_next[e_ids], means_c[chunk_pos[edge_rows[sel]]], rollout.parent_std[rollout.edge_parent[e_ids]])
-        surrogate = (coef[sel] * lp_c).sum()
-        if use_kl:
-            kl = reference_kl(means_c, ref_means[ids], rollout.parent_std[ids], rollout.parent_sigma[ids],
-                              rollout.parent_sigma_next[ids], rollout.noise, objective.kl_form)
-            kl_term = (kl_w[rows].to(kl.dtype) * kl).sum()
-            surrogate = surrogate + objective.kl_coef * kl_term
-            kl_total = kl_total + kl_term.detach()
-        surrogate.backward()
+    chunks = _chunks(model_rows, parent_chunk)
+    for i, rows in enumerate(chunks):
+        with processes.backward(policy, last=i == len(chunks) - 1):
+            ids = parent_ids[rows]
+            chunk_pos = torch.full((parent_ids.numel(),), -1, dtype=torch.long, device=rows.device)
+            chunk_pos[rows] = torch.arange(rows.numel(), device=rows.device)
+            sel = torch.nonzero(chunk_pos[edge_rows] >= 0).squeeze(1)  # minibatch edges whose parent is in this chunk
+            means_c = recompute_means(policy, rollout, ids)
+            e_ids = mb.edge_ids[sel]
+            lp_c = transition_log_prob(rollout.edge_x_next[e_ids], means_c[chunk_pos[edge_rows[sel]]], rollout.parent_std[rollout.edge_parent[e_ids]])
+            surrogate = (coef[sel] * lp_c).sum()
+            if use_kl:
+                kl = reference_kl(means_c, ref_means[ids], rollout.parent_std[ids], rollout.parent_sigma[ids],
+                                  rollout.parent_sigma_next[ids], rollout.noise, objective.kl_form)
+                kl_term = (kl_w[rows].to(kl.dtype) * kl).sum()
+                surrogate = surrogate + objective.kl_coef * kl_term
+                kl_total = kl_total + kl_term.detach()
+            surrogate.backward()
     stats.update(loss_stats)
     stats["loss"] = loss.detach()
     stats["kl_ref"] = kl_total  # the penalty: mean over the KL-weighted leaves
@@ -203,6 +219,7 @@ def policy_update(
     grad_clip: float | None = None,
     minibatch_split: str = "groups",
     generator: torch.Generator | None = None,
+    processes: Processes | None = None,
 ) -> dict[str, float]:
     """``inner_epochs`` passes over the rollout, each split into ``minibatches`` optimizer steps
     (:func:`split_minibatches`; ``generator`` draws the leaf splits).
@@ -211,21 +228,28 @@ def policy_update(
     Returns per-iteration statistics: means over optimizer steps, the largest ``|log ratio|`` and
     log-prob drift, ``kl_ref_max``/``kl_ref_all_max``, and the number of parent forwards without
     (``fwd_nograd``) and with grad (``fwd_grad``) and of the reference (``fwd_ref``).
+
+    With several ``processes`` (:mod:`tmpo.distributed`) each holds whole groups of the rollout; the
+    gradients are averaged over processes before clipping and the statistics are global (forward counts
+    summed over processes, maxima over them, means of the per-process means).
     """
+    processes = processes or Processes()
+    own = list(getattr(objective, "parameters", lambda: [])())  # outside the policy network's gradient sync
     ref_means = reference_means(policy, rollout, parent_chunk) if objective.kl_coef > 0 else None
     per_step: list[dict[str, float]] = []
     for _ in range(inner_epochs):
         for mb in split_minibatches(rollout, minibatches, minibatch_split, generator):
             optimizer.zero_grad(set_to_none=True)
             stats = minibatch_gradient(policy, rollout, objective, prepared, mb, parent_chunk,
-                                       fresh=not per_step, ref_means=ref_means)
+                                       fresh=not per_step, ref_means=ref_means, processes=processes)
+            processes.reduce_grads(own)
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
             if not torch.isfinite(norm):
                 raise FloatingPointError(f"non-finite gradient norm ({float(norm)}); lower trainer.lr or check the reward scale")
             optimizer.step()
             stats["grad_norm"] = norm.detach()
             per_step.append({k: float(v) for k, v in stats.items()})
-    out = _reduce(per_step)
+    out = _reduce(processes.reduce_steps(per_step, _SUMMED, _MAXED))
     out["optimizer_steps"] = float(len(per_step))
-    out["fwd_ref"] = float((~rollout.parent_is_prior).sum()) if ref_means is not None else 0.0
+    out["fwd_ref"] = float(processes.sum((~rollout.parent_is_prior).sum())) if ref_means is not None else 0.0
     return out

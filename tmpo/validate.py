@@ -90,6 +90,8 @@ def check_trainer(t: DictConfig) -> None:
         one_of("trainer.lr_schedule", t.lr_schedule, ("cosine", "constant"))
     if "minibatch_split" in t:
         one_of("trainer.minibatch_split", t.minibatch_split, ("groups", "leaves", "group_leaves"))
+    if "noise_seeding" in t:
+        one_of("trainer.noise_seeding", t.noise_seeding, ("auto", "batch", "group"))
 
 
 def check_eval(e: DictConfig) -> None:

@@ -27,6 +27,7 @@ class FlowPolicy(nn.Module):
         self._reference_net: nn.Module | None = None
         self._use_reference = False
         self.lora_config: dict | None = None
+        self._forward_net: nn.Module | None = None  # see forward_through
 
     # --- to implement -------------------------------------------------------------------------
     def sigmas(self, num_steps: int) -> Tensor:
@@ -64,7 +65,22 @@ class FlowPolicy(nn.Module):
         net = self.net
         if self._use_reference:
             net = self._reference_net if self._reference_net is not None else self.net
+        elif getattr(self, "_forward_net", None) is not None:
+            net = self._forward_net
         return self._velocity(net, x, sigma, cond, index)
+
+    @contextlib.contextmanager
+    def forward_through(self, wrapper: nn.Module | None) -> Iterator[None]:
+        """Within this context the policy's own velocity calls ``wrapper`` (a module wrapping ``self.net``
+        with the same call signature, e.g. DDP, whose backward all-reduces the gradients) instead of
+        ``self.net``; ``None`` changes nothing. The reference policy is never wrapped."""
+        outer = getattr(self, "_forward_net", None)
+        if wrapper is not None:
+            object.__setattr__(self, "_forward_net", wrapper)  # not a submodule: no duplicate parameters
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_forward_net", outer)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

@@ -14,6 +14,7 @@ from tmpo.policies.base import FlowPolicy
 from tmpo.samplers.plans import Plan, RolloutPlan
 from tmpo.samplers.rollout import Rollout
 from tmpo.sde import sde_mean_std, transition_log_prob
+from tmpo.seeding import GroupGenerators, plan_generator, standard_normal
 
 
 class _Store:
@@ -78,16 +79,25 @@ class FlowSampler:
         metadata: list[dict],
         step: int,
         total_steps: int,
-        generator: torch.Generator,
+        generator: torch.Generator | GroupGenerators,
     ) -> Rollout:
-        """Sample ``K`` leaves per prompt following this iteration's plan."""
-        plan = self.make_plan(step, total_steps, generator)
+        """Sample ``K`` leaves per prompt following this iteration's plan.
+
+        ``generator``: one generator for the whole batch, or :class:`tmpo.seeding.GroupGenerators` (one
+        stream per prompt group, the plan from its shared stream): then a group's rollout is the same
+        whichever groups share the batch, which is what lets processes split a batch by groups."""
+        if isinstance(generator, GroupGenerators) and len(generator.groups) != len(prompts):
+            raise ValueError(f"{len(generator.groups)} group generators for {len(prompts)} prompts")
+        if isinstance(generator, GroupGenerators) and self.leaf_likelihood is not None:
+            raise ValueError("sampler.leaf_likelihood draws its probes for the whole batch: it cannot run with "
+                             "trainer.noise_seeding=group (or more than one process); use one process and noise_seeding=batch")
+        plan = self.make_plan(step, total_steps, plan_generator(generator))
         dev, dtype = policy.device, policy.dtype
         sigmas = policy.sigmas(self.num_steps).to(dev, dtype)
         cond = policy.encode_prompts(prompts)
         n_groups = len(prompts)
         shape = tuple(policy.latent_shape)
-        x = torch.randn((n_groups * plan.n_roots, *shape), generator=generator, dtype=dtype).to(dev)
+        x = standard_normal(generator, (n_groups * plan.n_roots, *shape), dtype).to(dev)
         group = torch.arange(n_groups).repeat_interleave(plan.n_roots)
         store = _Store()
         paths: list[list[int]] = [[] for _ in range(x.shape[0])]
@@ -116,7 +126,7 @@ class FlowSampler:
                     "no branch or SDE step can sit on a zero-noise transition: lower s_max / sde_steps"
                 )
             b = sp.branch
-            eps = torch.randn((n * b, *shape), generator=generator, dtype=dtype).to(dev)
+            eps = standard_normal(generator, (n * b, *shape), dtype).to(dev)
             children = mean.repeat_interleave(b, dim=0) + std.repeat_interleave(b).view(-1, *[1] * len(shape)) * eps
             if sp.store:
                 ids = store.add(
@@ -201,17 +211,23 @@ def edge_log_probs(rollout: Rollout, parent_ids: Tensor, means: Tensor) -> tuple
 
 @torch.no_grad()
 def sample_ode(
-    policy: FlowPolicy, prompts: list[str], n_per_prompt: int, num_steps: int, generator: torch.Generator, progress: bool = False
+    policy: FlowPolicy, prompts: list[str], n_per_prompt: int, num_steps: int, generator: torch.Generator,
+    progress: bool = False, shard: slice | None = None,
 ) -> Tensor:
-    """Deterministic Euler sampling (evaluation): ``n_per_prompt`` samples per prompt, ``[G*n, *S]``."""
+    """Deterministic Euler sampling (evaluation): ``n_per_prompt`` samples per prompt, ``[G*n, *S]``.
+
+    ``shard``: sample only the prompts ``prompts[shard]`` (a process's part of an evaluation), from the
+    same initial noises the whole set draws (all ``G*n`` are drawn, the shard's rows kept), ``[len*n, *S]``."""
     dev, dtype = policy.device, policy.dtype
     sigmas = policy.sigmas(num_steps).to(dev, dtype)
+    x = torch.randn((len(prompts) * n_per_prompt, *policy.latent_shape), generator=generator, dtype=dtype)
+    if shard is not None:
+        start, stop, _ = shard.indices(len(prompts))
+        prompts, x = prompts[start:stop], x[start * n_per_prompt: stop * n_per_prompt]
     cond = policy.encode_prompts(prompts)
     group = torch.arange(len(prompts)).repeat_interleave(n_per_prompt).to(dev)
-    x = torch.randn((group.numel(), *policy.latent_shape), generator=generator, dtype=dtype).to(dev)
+    x = x.to(dev)
     for s in tqdm(range(1, num_steps + 1), desc="eval", leave=False, disable=not progress):
         v = policy.velocity(x, sigmas[s - 1].expand(x.shape[0]), cond, group)
         x = x + v * (sigmas[s] - sigmas[s - 1])
     return x
-
-
