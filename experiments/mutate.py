@@ -42,7 +42,7 @@ TESTS_FOR = {
     "tmpo/sde.py": ["test_sde.py", "test_update.py", "test_tree_sampler.py"],
     "tmpo/objectives/": ["test_likelihood.py", "test_objectives.py", "test_grpo_options.py", "test_stepwise_sign.py", "test_baselines.py",
                          "test_update.py"],
-    "tmpo/samplers/": ["test_tree_sampler.py", "test_branching.py", "test_baselines.py", "test_update.py",
+    "tmpo/samplers/": ["test_mini_policy.py", "test_tree_sampler.py", "test_branching.py", "test_baselines.py", "test_update.py",
                        "test_science_cells.py"],
     "tmpo/policies/base.py": ["test_baselines.py", "test_resume_all_methods.py", "test_mini_policy.py"],
     "tmpo/likelihood.py": ["test_likelihood.py"],

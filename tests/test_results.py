@@ -8,6 +8,7 @@ import math
 
 import pandas as pd
 import pytest
+import yaml
 
 from synthetic_runs import BASE, STEPS, write_block, write_mini_suite, write_run
 from tmpo.results.__main__ import main
@@ -166,6 +167,21 @@ def test_seeds_with_different_settings_are_refused(tmp_path):
     write_block(tmp_path, "table5", "joint", seeds=(0, 1))
     write_run(tmp_path, table="table5", protocol="joint", row="tmpo", seed=2, method="tmpo", lr=1e-3)
     with pytest.raises(ResultsError, match=r"table5/joint/tmpo: its seeds ran different settings: trainer.lr: 0.0003"):
+        build_tables(LocalRuns(tmp_path).records(), MINI)
+
+
+def test_a_key_added_later_matches_older_records_only_at_the_value_they_ran(tmp_path):
+    """trainer.noise_seeding and eval.batch_size did not exist when the first records were made: a newer
+    seed that has them at the old behaviour's value joins the row; another value is a different setting."""
+    write_block(tmp_path, "table5", "joint", seeds=(0, 1))
+    newer = write_run(tmp_path, table="table5", protocol="joint", row="tmpo", seed=2, method="tmpo")
+    config = yaml.safe_load((newer / "config.yaml").read_text())
+    config["trainer"]["noise_seeding"], config["eval"]["batch_size"] = "auto", None
+    (newer / "config.yaml").write_text(yaml.safe_dump(config))
+    build_tables(LocalRuns(tmp_path).records(), MINI)  # accepted
+    config["trainer"]["noise_seeding"] = "group"
+    (newer / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ResultsError, match=r"its seeds ran different settings: trainer.noise_seeding: 'auto'"):
         build_tables(LocalRuns(tmp_path).records(), MINI)
 
 

@@ -35,6 +35,7 @@ class EvalConfig:
     samples_per_prompt: int = 10
     num_steps: int = 28
     seed: int = 1234
+    batch_size: int | None = None  # samples integrated at once (null = a suite's whole set; bound it on GPUs)
     grid_prompts: int = 6  # samples.png: this many test prompts (rows), base vs the evaluated weights
     grid_samples: int = 4  # ... and this many initial noises per prompt (0: no samples.png)
 

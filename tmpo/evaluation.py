@@ -48,6 +48,7 @@ class Evaluator:
         samples_per_prompt: 10 in the paper.
         num_steps: eval horizon (28 in the paper).
         seed: fixed noise so evaluations at different steps are comparable.
+        batch_size: samples integrated at once (``None`` = a suite's whole set; bound it at real scale).
 
     With several processes (:attr:`processes`, set by the loop) each samples and scores a contiguous block
     of the test prompts, from the initial noises the whole set draws; per-image scores, samples and latents
@@ -65,10 +66,12 @@ class Evaluator:
         num_steps: int = 28,
         seed: int = 1234,
         progress: bool = False,
+        batch_size: int | None = None,
     ) -> None:
         self.reward = reward
         self.suites = [EvalSuite("task", prompts, list(metrics), max_prompts), *suites]
         self.samples_per_prompt, self.num_steps, self.seed, self.progress = samples_per_prompt, num_steps, seed, progress
+        self.batch_size = batch_size
         self.noise: dict[str, float] = {}  # of the last call, per metric name (see __call__)
         self.processes = Processes()  # several processes share the evaluation (set by the loop)
 
@@ -83,7 +86,7 @@ class Evaluator:
         own, counts = dist.eval_part(len(test))  # this process's prompts (all of them when alone)
         rows = [k * n for k in counts]  # samples per process
         latents = sample_ode(policy, texts, n, self.num_steps, gen, progress=self.progress,
-                             shard=own if dist.distributed else None)
+                             shard=own if dist.distributed else None, batch_size=self.batch_size)
         with torch.no_grad():
             samples = policy.decode(latents)
         rep_texts = [t for t in texts[own] for _ in range(n)]

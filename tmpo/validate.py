@@ -98,6 +98,7 @@ def check_eval(e: DictConfig) -> None:
     int_at_least("eval.samples_per_prompt", e.samples_per_prompt, 1)
     int_at_least("eval.num_steps", e.num_steps, 1, "ODE steps of the evaluation sampler")
     int_at_least("eval.max_prompts", e.max_prompts, 1, "null = every test prompt", none_ok=True)
+    int_at_least("eval.batch_size", e.get("batch_size"), 1, "samples integrated at once; null = all", none_ok=True)
     int_at_least("eval.seed", e.seed, 0)
 
 

@@ -26,6 +26,9 @@ from tmpo.results.runs import RunRecord
 SEED_FREE = ("run_dir", "resume", "tags", "logger", "trainer.seed", "trainer.eval_base", "trainer.progress",
              "trainer.checkpoint_every", "trainer.eval_every", "trainer.parent_chunk")
 # Config keys every row of a block must share: one protocol, one model, one budget, one evaluation.
+# Config keys added after some runs were recorded, each with the value that does what those runs did: a
+# record without the key compares equal to one with that value (one process: noise_seeding auto = batch).
+ADDED_KEYS = {"trainer.noise_seeding": "auto", "eval.batch_size": None}
 BLOCK_SHARED = ("model", "reward", "eval", "trainer.total_steps", "trainer.prompts_per_step", "trainer.threads")
 
 
@@ -103,6 +106,11 @@ def select_runs(records: Iterable[RunRecord], opts: Options) -> tuple[list[RunRe
     return keep, problems
 
 
+def _full_config(run: RunRecord) -> dict[str, Any]:
+    """The run's flattened config, with :data:`ADDED_KEYS` filled in where it predates them."""
+    return {**ADDED_KEYS, **flatten(run.config)}
+
+
 def _check_block(spec: TableSpec, protocol: str, rows: dict[Row, list[RunRecord]], opts: Options) -> list[str]:
     problems = []
     for row, runs in rows.items():
@@ -111,11 +119,11 @@ def _check_block(spec: TableSpec, protocol: str, rows: dict[Row, list[RunRecord]
                 problems.append(f"run {r.run_id} is labelled row={r.labels.get('row')} but ran method="
                                 f"{r.labels.get('method')} ablation={r.labels.get('ablation')} (expected {row.method}/"
                                 f"{row.ablation}); choose rows with experiment/row=<row>, not method=/ablation=")
-        configs = {r.run_id: _drop(flatten(r.config), SEED_FREE) for r in runs}
+        configs = {r.run_id: _drop(_full_config(r), SEED_FREE) for r in runs}
         if len(configs) > 1 and _differences(configs):
             problems.append(f"{spec.name}/{protocol}/{row.key}: its seeds ran different settings: "
                             + "; ".join(_differences(configs)))
-    shared = {r.run_id: _keep(flatten(r.config), BLOCK_SHARED) for runs in rows.values() for r in runs}
+    shared = {r.run_id: _keep(_full_config(r), BLOCK_SHARED) for runs in rows.values() for r in runs}
     if len(shared) > 1 and _differences(shared):
         problems.append(f"{spec.name}/{protocol}: its rows ran different protocols/models/budgets: "
                         + "; ".join(_differences(shared)))

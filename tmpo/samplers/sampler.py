@@ -212,12 +212,14 @@ def edge_log_probs(rollout: Rollout, parent_ids: Tensor, means: Tensor) -> tuple
 @torch.no_grad()
 def sample_ode(
     policy: FlowPolicy, prompts: list[str], n_per_prompt: int, num_steps: int, generator: torch.Generator,
-    progress: bool = False, shard: slice | None = None,
+    progress: bool = False, shard: slice | None = None, batch_size: int | None = None,
 ) -> Tensor:
     """Deterministic Euler sampling (evaluation): ``n_per_prompt`` samples per prompt, ``[G*n, *S]``.
 
     ``shard``: sample only the prompts ``prompts[shard]`` (a process's part of an evaluation), from the
-    same initial noises the whole set draws (all ``G*n`` are drawn, the shard's rows kept), ``[len*n, *S]``."""
+    same initial noises the whole set draws (all ``G*n`` are drawn, the shard's rows kept), ``[len*n, *S]``.
+    ``batch_size``: integrate at most this many samples at a time (memory bound at real scale; ``None`` =
+    all at once). The initial noises are drawn before the split, so the samples do not depend on it."""
     dev, dtype = policy.device, policy.dtype
     sigmas = policy.sigmas(num_steps).to(dev, dtype)
     x = torch.randn((len(prompts) * n_per_prompt, *policy.latent_shape), generator=generator, dtype=dtype)
@@ -226,8 +228,12 @@ def sample_ode(
         prompts, x = prompts[start:stop], x[start * n_per_prompt: stop * n_per_prompt]
     cond = policy.encode_prompts(prompts)
     group = torch.arange(len(prompts)).repeat_interleave(n_per_prompt).to(dev)
-    x = x.to(dev)
-    for s in tqdm(range(1, num_steps + 1), desc="eval", leave=False, disable=not progress):
-        v = policy.velocity(x, sigmas[s - 1].expand(x.shape[0]), cond, group)
-        x = x + v * (sigmas[s] - sigmas[s - 1])
-    return x
+    size = x.shape[0] if batch_size is None else batch_size
+    out = []
+    for rows in torch.arange(x.shape[0]).split(max(size, 1)):
+        xb, gb = x[rows].to(dev), group[rows.to(dev)]
+        for s in tqdm(range(1, num_steps + 1), desc="eval", leave=False, disable=not progress):
+            v = policy.velocity(xb, sigmas[s - 1].expand(xb.shape[0]), cond, gb)
+            xb = xb + v * (sigmas[s] - sigmas[s - 1])
+        out.append(xb)
+    return torch.cat(out)
