@@ -113,6 +113,10 @@ def test_missing_rows_are_named_unless_partial(tmp_path):
     md = to_markdown(t5, TABLES["table5"], "mini", "x")
     gardo = next(ln for ln in md.splitlines() if ln.startswith("| GARDO"))
     assert gardo.startswith("| GARDO | 0 | — (125.9) | — (0.341)")
+    assert "**Incomplete** (written with `--partial`): 1 of 5 trained rows have no runs yet; the others have 3 seed(s)" in md
+    write_block(tmp_path / "whole", "table5", "joint")
+    whole = build_tables(LocalRuns(tmp_path / "whole").records(), Options("mini", partial=True))["table5"]
+    assert "Incomplete" not in to_markdown(whole, TABLES["table5"], "mini", "x")
 
 
 def test_table2_without_table1_pickscore_names_where_full_comes_from(tmp_path):
