@@ -56,8 +56,9 @@ tables: install  ## the paper's Tables 1, 2, 5, 6 and Figs. 4, 6 from run summar
 
 BLOCKS ?= mini
 LANES ?= 2
-suite: install  ## run/resume table blocks (BLOCKS=mini | "mini/table1_geneval ..."), record finished runs in results/<scale>/records
-	$(PY) -m experiments.run_suite run $(BLOCKS) --lanes $(LANES)
+UNTIL ?=
+suite: install  ## run/resume table blocks (BLOCKS=mini | "mini/table1_geneval ..."; UNTIL=HH:MM: only jobs that end by then), record finished runs in results/<scale>/records
+	$(PY) -m experiments.run_suite run $(BLOCKS) --lanes $(LANES) $(if $(UNTIL),--until $(UNTIL))
 
 clean:
 	rm -rf outputs multirun .pytest_cache
