@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from tmpo.rewards.preference import (
     ASSET_DIR,
@@ -489,9 +489,75 @@ def build_model(name: str, tokenizer: CaptionTokenizer) -> MiniCLIP:
     return MiniCLIP(MiniCLIPConfig(vocab_size=len(tokenizer), image_size=IMAGE_SIZE, max_len=tokenizer.max_len, **preset["model"]))
 
 
-def train(name: str, minutes: float, seed: int | None, steps: int | None, out_dir: Path, command: str) -> dict[str, Any]:
-    from tmpo.checkpoint import save_atomic, write_json_atomic
+def warmup_cosine_lr(step: int, total: int, lr: float) -> float:
+    """Linear warm-up over ``min(50, total / 10)`` steps, then cosine from ``lr`` down to ``0.05 lr``."""
+    warm = min(50, max(1, total // 10))
+    if step < warm:
+        return lr * (step + 1) / warm
+    p = (step - warm) / max(1, total - warm)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+def train_step(model: nn.Module, tokenizer, opt: torch.optim.Optimizer, preset: dict, exclude: set,
+               rng: np.random.Generator, gen: torch.Generator) -> dict[str, float]:
+    """One step: contrastive loss on a fresh batch (hard negatives) plus the preset's bias pairs."""
     from tmpo.world import sample_scene_for_prompt
+
+    bias = preset["bias"]
+    attributes = list(bias)
+    model.train()
+    records = [sample_caption(rng, exclude) for _ in range(BATCH)]
+    scenes = [sample_scene_for_prompt(r, rng) for r in records]
+    images = augment(render_tensor(scenes), gen)
+    captions = [r["prompt"] for r in records]
+    negatives = [sample_negatives(r, preset["negatives"], N_NEGATIVES, rng) for r in records]
+    loss, stats = contrastive_loss(model, tokenizer, images, captions, negatives)
+    b_loss = torch.zeros(())
+    if attributes:
+        pairs = [bias_pair(attributes[i % len(attributes)], rng, exclude) for i in range(BIAS_PAIRS)]
+        a = augment(torch.stack([p[0] for p in pairs]), gen)
+        b = augment(torch.stack([p[1] for p in pairs]), gen)
+        diff = torch.tensor([bias[attributes[i % len(attributes)]] * (p[2] - p[3]) for i, p in enumerate(pairs)])
+        b_loss = bias_loss(model, tokenizer, a, b, [p[4] for p in pairs], diff)
+    total_loss = loss + BIAS_WEIGHT * b_loss
+    opt.zero_grad(set_to_none=True)
+    total_loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return {"loss": loss.item(), "bias_loss": b_loss.item(), **stats}
+
+
+def preference_card(name: str, command: str, seed: int, step: int, preset: dict, model: nn.Module, train_s: float,
+                    ema: dict[str, float], metrics: dict, history: list[dict]) -> dict[str, Any]:
+    """The model card written next to the checkpoint."""
+    bias = preset["bias"]
+    return {
+        "name": name,
+        "command": command,
+        "seed": seed,
+        "steps": step,
+        "batch": BATCH,
+        "hard_negatives_per_image": N_NEGATIVES,
+        "negative_mix": preset["negatives"],
+        "bias": {k: {"beta": v, "unit": BIAS_UNITS[k]} for k, v in bias.items()},
+        "bias_pairs_per_step": BIAS_PAIRS if bias else 0,
+        "model": {**preset["model"], "parameters": num_parameters(model)},
+        "lr": preset["lr"],
+        "train_seconds": round(train_s, 1),
+        "torch_threads": torch.get_num_threads(),
+        "final_loss": round(ema["loss"], 4),
+        "final_bias_loss": round(ema["bias_loss"], 4),
+        "final_train_hardneg_acc": round(ema["hardneg_acc"], 4),
+        "logit_scale_exp": round(model.scale().item(), 3),
+        "eval": metrics,
+        "history": history,
+    }
+
+
+def train(name: str, minutes: float, seed: int | None, steps: int | None, out_dir: Path, command: str) -> dict[str, Any]:
+    """Train preset ``name`` for ``steps`` steps, or for ``minutes`` (the step count, and so the lr schedule,
+    fixed from the speed measured over steps 5-25); evaluate, write ``<name>.pt`` and ``<name>.json``."""
+    from tmpo.checkpoint import save_atomic, write_json_atomic
 
     preset = PRESETS[name]
     seed = preset["seed"] if seed is None else seed
@@ -502,16 +568,6 @@ def train(name: str, minutes: float, seed: int | None, steps: int | None, out_di
     model = build_model(name, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=preset["lr"], weight_decay=1e-4)
     exclude = heldout_prompts()
-    bias = preset["bias"]
-    attributes = list(bias)
-
-    def lr_at(step: int, total: int) -> float:
-        warm = min(50, max(1, total // 10))
-        if step < warm:
-            return preset["lr"] * (step + 1) / warm
-        p = (step - warm) / max(1, total - warm)
-        return preset["lr"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
-
     start = time.time()
     total = steps if steps is not None else 10**9
     probe = (5, 25)  # steps timed to fix the schedule (the first few are slower)
@@ -525,33 +581,13 @@ def train(name: str, minutes: float, seed: int | None, steps: int | None, out_di
             left = minutes * 60 * 0.95 - (time.time() - start)
             total = max(probe[1] + 1, probe[1] + int(left / per_step))
             print(f"[{name}] {per_step:.3f} s/step -> {total} steps for {minutes} min", flush=True)
-        model.train()
-        records = [sample_caption(rng, exclude) for _ in range(BATCH)]
-        scenes = [sample_scene_for_prompt(r, rng) for r in records]
-        images = augment(render_tensor(scenes), gen)
-        captions = [r["prompt"] for r in records]
-        negatives = [sample_negatives(r, preset["negatives"], N_NEGATIVES, rng) for r in records]
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total)
-        loss, stats = contrastive_loss(model, tokenizer, images, captions, negatives)
-        b_loss = torch.zeros(())
-        if attributes:
-            pairs = [bias_pair(attributes[i % len(attributes)], rng, exclude) for i in range(BIAS_PAIRS)]
-            a = augment(torch.stack([p[0] for p in pairs]), gen)
-            b = augment(torch.stack([p[1] for p in pairs]), gen)
-            diff = torch.tensor([bias[attributes[i % len(attributes)]] * (p[2] - p[3]) for i, p in enumerate(pairs)])
-            b_loss = bias_loss(model, tokenizer, a, b, [p[4] for p in pairs], diff)
-        total_loss = loss + BIAS_WEIGHT * b_loss
-        opt.zero_grad(set_to_none=True)
-        total_loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        vals = {"loss": loss.item(), "bias_loss": b_loss.item(), **stats}
+            g["lr"] = warmup_cosine_lr(step, total, preset["lr"])
+        vals = train_step(model, tokenizer, opt, preset, exclude, rng, gen)
         ema = vals if ema is None else {k: 0.95 * ema[k] + 0.05 * v for k, v in vals.items()}
         step += 1
         if step % 50 == 0 or step == total:
-            elapsed = time.time() - start
-            line = {"step": step, "elapsed_s": round(elapsed, 1), "scale": round(model.scale().item(), 2),
+            line = {"step": step, "elapsed_s": round(time.time() - start, 1), "scale": round(model.scale().item(), 2),
                     **{k: round(v, 4) for k, v in ema.items()}}  # fmt: skip
             history.append(line)
             print(json.dumps(line), flush=True)
@@ -559,28 +595,7 @@ def train(name: str, minutes: float, seed: int | None, steps: int | None, out_di
             print(f"[{name}] time budget reached at step {step}", flush=True)
             break
     train_s = time.time() - start
-    metrics = evaluate(model, tokenizer)
-    card = {
-        "name": name,
-        "command": command,
-        "seed": seed,
-        "steps": step,
-        "batch": BATCH,
-        "hard_negatives_per_image": N_NEGATIVES,
-        "negative_mix": preset["negatives"],
-        "bias": {k: {"beta": v, "unit": BIAS_UNITS[k]} for k, v in bias.items()},
-        "bias_pairs_per_step": BIAS_PAIRS if attributes else 0,
-        "model": {**preset["model"], "parameters": num_parameters(model)},
-        "lr": preset["lr"],
-        "train_seconds": round(train_s, 1),
-        "torch_threads": torch.get_num_threads(),
-        "final_loss": round(ema["loss"], 4),
-        "final_bias_loss": round(ema["bias_loss"], 4),
-        "final_train_hardneg_acc": round(ema["hardneg_acc"], 4),
-        "logit_scale_exp": round(model.scale().item(), 3),
-        "eval": metrics,
-        "history": history,
-    }
+    card = preference_card(name, command, seed, step, preset, model, train_s, ema, evaluate(model, tokenizer), history)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = save_atomic(checkpoint_state(model, tokenizer, card), out_dir / f"{name}.pt")
     os.chmod(path, 0o644)  # mkstemp creates 0600; the asset is meant to be shared
