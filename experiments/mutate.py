@@ -36,7 +36,7 @@ COPIED = ("tmpo", "baselines", "conf", "tests", "experiments", "pyproject.toml")
 TESTS_FOR = {
     "tmpo/ema.py": ["test_ema_schedule.py", "test_loop.py"],
     "tmpo/loop.py": ["test_ema_schedule.py", "test_loop_wiring.py", "test_loop.py", "test_resume_all_methods.py",
-                     "test_baselines.py"],
+                     "test_baselines.py", "test_distributed_run.py"],
     "tmpo/update.py": ["test_update.py", "test_loop.py", "test_resume_all_methods.py", "test_baselines.py",
                        "test_distributed.py"],
     "tmpo/sde.py": ["test_sde.py", "test_update.py", "test_tree_sampler.py"],

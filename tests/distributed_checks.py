@@ -4,6 +4,7 @@ same worker (the toy policy, 4 prompt groups; process r holds groups r and r + 2
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import torch
 
 from tmpo.distributed import AcceleratedProcesses
 from tmpo.evaluation import Evaluator
-from tmpo.faults import NonFiniteError
+from tmpo.faults import NonFiniteError, PeerFailure
 from tmpo.metrics.task import RewardMetric
+from tmpo.rewards.preference import PreferenceReward
 from tmpo.objectives import GRPOObjective
 from tmpo.objectives.base import Minibatch
 from tmpo.samplers import DynamicTreePlan, FlowSampler
@@ -54,6 +56,19 @@ def check_collectives(dist: AcceleratedProcesses) -> None:
     except NonFiniteError as e:
         assert ("my reward" if r else "process(es) [1] of 2 hit a non-finite rollout or reward at iteration 7") in str(e)
     dist.check_faults(None, iteration=8)  # nothing anywhere: no error
+    server_down = ConnectionError("reward server at 127.0.0.1:18085 refused") if r else None
+    try:  # any other error on one process stops both at once (no process left waiting in a collective)
+        dist.check_faults(server_down, iteration=9)
+        raise AssertionError("an error on process 1 must stop both")
+    except PeerFailure as e:
+        assert "iteration 9" in str(e) and "process(es) [1] of 2 failed" in str(e)
+        assert e.__cause__ is server_down
+        assert ("this process (rank 1) failed: ConnectionError: reward server" in str(e)) == bool(r)
+    try:  # a non-finite value on one process and an error on the other: the error decides
+        dist.check_faults(NonFiniteError("nan reward") if r else RuntimeError("disk full"), iteration=10)
+        raise AssertionError("must stop both")
+    except PeerFailure as e:
+        assert "process(es) [0, 1] of 2 failed" in str(e)
 
 
 def rollouts(dist: AcceleratedProcesses):
@@ -187,3 +202,18 @@ def check_evaluation(dist, policy) -> None:
     assert ev.noise.keys() == single.noise.keys() == {"reward", "r2"}
     for key, value in single.noise.items():
         torch.testing.assert_close(ev.noise[key], value, rtol=1e-5, atol=1e-8, msg=key)
+
+
+class FailingReward(PreferenceReward):
+    """The mini preference reward, except that process ``fail_rank``'s ``fail_call``-th call raises the error a
+    reward server that stayed down would (``tests/test_distributed_run.py``: the other process must not hang)."""
+
+    def __init__(self, fail_rank: int, fail_call: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fail_rank, self.fail_call, self.calls = fail_rank, fail_call, 0
+
+    def __call__(self, images, prompts, metadata=None):
+        self.calls += 1
+        if int(os.environ.get("RANK", "0")) == self.fail_rank and self.calls == self.fail_call:
+            raise ConnectionError("reward server at 127.0.0.1:18085 refused the connection (test)")
+        return super().__call__(images, prompts, metadata)

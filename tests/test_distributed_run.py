@@ -202,6 +202,25 @@ def test_a_stop_signal_on_one_process_stops_both_after_the_same_iteration(tmp_pa
     assert state(run_dir)["step"] == 30 and [r["step"] for r in rows(run_dir) if "train/loss" in r] == list(range(1, 31))
 
 
+def test_an_error_on_one_process_stops_both_at_once_with_the_last_good_state(tmp_path):
+    """Rank 1's reward raises at its second call (iteration 2): both processes stop at iteration 2 within
+    seconds (rank 0 is not left waiting in a collective), rank 0 checkpoints the state iteration 2 started
+    from (after iteration 1), and each process's error says what happened where."""
+    run_dir = tmp_path / "failed"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "conf/accelerate/ddp.yaml"),
+           "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "tmpo.run", *RUN,
+           "trainer.total_steps=3", "trainer.checkpoint_every=0", "reward.fn._target_=distributed_checks.FailingReward",
+           "+reward.fn.fail_rank=1", "+reward.fn.fail_call=2", f"hydra.run.dir={run_dir}"]
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "this process (rank 1) failed: ConnectionError: reward server" in out, out[-5000:]
+    assert "iteration 2: process(es) [1] of 2 failed while rolling out or scoring" in out, out[-5000:]
+    assert "the last good state (after iteration 1" in out, out[-5000:]
+    assert state(run_dir)["step"] == 1 and [r["step"] for r in rows(run_dir) if "train/loss" in r] == [1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["flow_grpo", "mixgrpo", "treegrpo", "gardo"])
 def test_every_baseline_runs_in_two_processes(tmp_path, method):

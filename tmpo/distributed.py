@@ -225,15 +225,21 @@ class AcceleratedProcesses(Processes):
         return top or None
 
     def check_faults(self, error: Exception | None, iteration: int) -> None:
-        from tmpo.faults import NonFiniteError
+        from tmpo.faults import NonFiniteError, PeerFailure
 
-        flags = self.gather(torch.tensor([error is not None], dtype=torch.long))
-        if error is not None:
-            raise error
-        if bool(flags.any()):
-            ranks = [r for r, f in enumerate(flags.tolist()) if f]
+        kind = 0 if error is None else 1 if isinstance(error, NonFiniteError) else 2
+        flags = self.gather(torch.tensor([kind], dtype=torch.long)).tolist()
+        ranks = [r for r, f in enumerate(flags) if f]
+        if not ranks:
+            return
+        if max(flags) == 1:  # only non-finite values: each process's own message, the others name them
+            if error is not None:
+                raise error
             raise NonFiniteError(f"process(es) {ranks} of {self.world_size} hit a non-finite rollout or reward at "
                                  f"iteration {iteration} (their logs name it); every process stops there")
+        own = f"this process (rank {self.rank}) failed: {type(error).__name__}: {error}; " if error is not None else ""
+        raise PeerFailure(f"iteration {iteration}: {own}process(es) {ranks} of {self.world_size} failed while rolling "
+                          "out or scoring (their logs name the error); every process stops there") from error
 
     def prepare(self, policy: nn.Module) -> None:
         # device_placement=False: the policy placed its modules itself (model.device; ``cuda`` is this

@@ -18,6 +18,11 @@ class NonFiniteError(ValueError):
     """A non-finite value that would otherwise be trained on or reported (never replaced by zeros)."""
 
 
+class PeerFailure(RuntimeError):
+    """With several processes, an error while one of them rolled out or scored (e.g. a reward server that
+    stayed down): every process raises this at the same iteration, so none waits forever in a collective."""
+
+
 def _bad_groups(values: Tensor, groups: Tensor) -> list[int]:
     bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
     return sorted({int(g) for g in groups[bad].tolist()})

@@ -25,7 +25,7 @@ from tmpo.diagnostics import group_diagnostics
 from tmpo.distributed import Processes, check_minibatches
 from tmpo.ema import EMA
 from tmpo.evaluation import Evaluator
-from tmpo.faults import NonFiniteError, degenerate_advantages, eval_fault, rollout_fault
+from tmpo.faults import NonFiniteError, PeerFailure, degenerate_advantages, eval_fault, rollout_fault
 from tmpo.logger import RunLogger
 from tmpo.objectives.base import Objective
 from tmpo.policies.base import FlowPolicy
@@ -211,7 +211,9 @@ class Trainer:
         """Roll out and score this process's prompts -> ``(rollout, t_rollout, samples, rewards, info)``.
 
         With several processes a non-finite rollout or reward on any of them stops all of them at this
-        iteration; the last good state is then the one every process agreed was good before it."""
+        iteration; the last good state is then the one every process agreed was good before it. Any other
+        error there (a reward server that stayed down) stops all of them too (:class:`PeerFailure`), with
+        the state the iteration started from, instead of leaving the others waiting in a collective."""
         before = self._last_good
         error: Exception | None = None
         rollout = t_rollout = samples = rewards = reward_info = None
@@ -219,7 +221,7 @@ class Trainer:
             rollout = self.sampler.rollout(self.policy, texts, meta, step, self.cfg.total_steps, gen)
             t_rollout = time.perf_counter()
             samples, rewards, reward_info = self.score(rollout)
-        except NonFiniteError as e:
+        except Exception as e:  # noqa: BLE001 -- agreed on below, then re-raised on every process
             if not self.processes.distributed:
                 raise
             error = e
@@ -400,7 +402,7 @@ class Trainer:
         self.processes.barrier()
         self._saved_step = None
         where = f"after iteration {good['step']}" if good["step"] else "the initial state"
-        head = str(error) if isinstance(error, NonFiniteError) else f"iteration {self.step + 1}: {error}"
+        head = str(error) if isinstance(error, (NonFiniteError, PeerFailure)) else f"iteration {self.step + 1}: {error}"
         note = f"{head} -- the last good state ({where}, the latest whose samples were finite) is checkpointed at {path}"
         raise type(error)(note) from error
 
@@ -462,7 +464,7 @@ class Trainer:
                     self._pending_good = self._snapshot() if self.processes.is_main else {"step": self.step}
                 try:
                     last = self.train_step(step)
-                except (NonFiniteError, FloatingPointError) as e:
+                except (NonFiniteError, FloatingPointError, PeerFailure) as e:
                     self._checkpoint_last_good(e)
                 times.append(last["iter_time_s"])
                 self.step = step + 1
