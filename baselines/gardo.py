@@ -146,22 +146,13 @@ class GARDOObjective(GRPOObjective):
         kl_w = None
         if self.kl_gate == "uncertainty":
             aux = self._aux_scores(rollout, samples) or list((reward_info or {}).get("aux", {}).values())
-            main, aux = self._whole_batch(rewards), [self._whole_batch(a) for a in aux]
-            u = uncertainty(main, aux, self.uncertainty_sign)  # ranks over the whole batch
+            every = self.processes.gather  # ranks over the whole batch: every process's leaves
+            u = uncertainty(every(rewards), [every(torch.as_tensor(a)) for a in aux], self.uncertainty_sign)
             b = self.compensator.update(u)
             flags = gate_flags(u, b)
-            kl_w = self._own_rows(flags.to(rewards.dtype))
+            kl_w = self.processes.local(flags.to(rewards.dtype))
             stats = {"gardo_b": torch.tensor(b), "gardo_flagged": flags.float().mean()}
         return Prepared(leaf_adv=adv.reshape(-1), kl_leaf_weight=kl_w, stats=stats)
-
-    def _whole_batch(self, x: Tensor) -> Tensor:
-        """``[L]`` per-leaf values of the whole batch: gathered when several processes share it."""
-        if self.processes is not None and self.processes.distributed:
-            return self.processes.gather(torch.as_tensor(x).float())
-        return x
-
-    def _own_rows(self, x: Tensor) -> Tensor:
-        return self.processes.local(x) if self.processes is not None and self.processes.distributed else x
 
     def _aux_scores(self, rollout: Rollout, samples: Tensor) -> list[Tensor]:
         k = rollout.group_size

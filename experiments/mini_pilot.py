@@ -17,17 +17,18 @@ from pathlib import Path
 
 import yaml
 
+from tmpo.results.runs import read_jsonl
+
 REPO = Path(__file__).resolve().parent.parent
 # The column each block's table reports as its task metric (Table 1's PickScore block: DrawBench PickScore).
 TASK_METRIC = {"geneval": "geneval", "ocr": "ocr", "pickscore": "pickscore", "joint": "pickscore"}
 JOINT_ALSO = ("hpsv21", "imagereward")
 
 
-def _evals(run: Path) -> list[dict]:
-    """The run's evaluations: ``step`` and metric values (``eval/`` prefix dropped), base first."""
-    summary = json.loads((run / "summary.json").read_text())
+def _evals(summary: dict, rows: list[dict]) -> list[dict]:
+    """A run's evaluations from its summary and metrics rows: ``step`` and metric values (``eval/`` prefix
+    dropped), the base first and the final one last."""
     base = {"step": 0, **{k[5:]: v for k, v in summary.items() if k.startswith("base/")}}
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [{"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
              for r in rows if any(k.startswith("eval/") for k in r)]
     last = {"step": int(summary["steps"]), **{k: v for k, v in summary.items() if "/" not in k or k.startswith("noise/")}}
@@ -38,11 +39,12 @@ def _evals(run: Path) -> list[dict]:
 
 def pilot_lines(run: Path, label: str) -> list[str]:
     """One markdown line per evaluation after the base, per checked metric."""
-    protocol = json.loads((run / "summary.json").read_text()).get("protocol", "")
+    summary = json.loads((run / "summary.json").read_text())
+    protocol = summary.get("protocol", "")
     metrics = [TASK_METRIC[protocol], *(JOINT_ALSO if protocol == "joint" else ())]
-    evals = _evals(run)
-    base, lines = evals[0], []
-    for ev in evals[1:]:
+    base, *evals = _evals(summary, read_jsonl(run / "metrics.jsonl"))
+    lines = []
+    for ev in evals:
         for m in metrics:
             noise = base.get(f"noise/{m}")
             change = ev[m] - base[m]
@@ -53,7 +55,7 @@ def pilot_lines(run: Path, label: str) -> list[str]:
 
 
 def label(run: Path) -> str:
-    """``<block> (<iterations> it[, lr x <scale>])`` from the run's config."""
+    """``<block> (<iterations> it[, lr_scale <x>])`` from the run's config (lr_scale shown where not the mini 10)."""
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     block = cfg["tags"]["experiment"].split("/")[-1]
     lr = "" if cfg["trainer"].get("lr_scale") == 10.0 else f", lr_scale {cfg['trainer']['lr_scale']:g}"

@@ -14,7 +14,6 @@ listed below), so a single run can be reproduced from the command line.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch  # noqa: E402
 from experiments.grid import mean_std_table, run_grid  # noqa: E402
 from experiments.science_mini import base_metrics  # noqa: E402
 from tmpo.likelihood import LeafLikelihood, log_density  # noqa: E402
+from tmpo.results.runs import read_jsonl  # noqa: E402
 
 TOY = ["model=toy", "reward=gmm_modes"]
 OUT = Path("results/science/marginal")
@@ -63,32 +63,29 @@ MINI_METRICS = ["geneval", "geneval_official", "pickscore", "lgmd", "cosdiv", "r
 # --- reading runs back ------------------------------------------------------------------------------
 
 
-def read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def cell_rows(runs: Path, cells, seeds):
+    """``(cell, seed, row)`` for every metrics row of every run ``<runs>/<cell>_s<seed>``."""
+    for cell in cells:
+        for seed in seeds:
+            for row in read_jsonl(runs / f"{cell}_s{seed}" / "metrics.jsonl"):
+                yield cell, seed, row
 
 
 def train_table(runs: Path, cells, seeds) -> pd.DataFrame:
     """One row per (cell, seed, step) with :data:`TRAIN_KEYS`."""
-    out = []
-    for cell in cells:
-        for seed in seeds:
-            for row in read_rows(runs / f"{cell}_s{seed}"):
-                if "train/loss" in row:
-                    out.append({"cell": cell, "seed": seed, "step": row["step"],
-                                **{k: row.get(v, np.nan) for k, v in TRAIN_KEYS.items()}})
-    return pd.DataFrame(out)
+    return pd.DataFrame([{"cell": cell, "seed": seed, "step": row["step"],
+                          **{k: row.get(v, np.nan) for k, v in TRAIN_KEYS.items()}}
+                         for cell, seed, row in cell_rows(runs, cells, seeds) if "train/loss" in row])
 
 
 def eval_curves(runs: Path, cells, seeds) -> pd.DataFrame:
     """Eval metrics along training (step 0 = the base model), one row per (cell, seed, step)."""
     out = []
-    for cell in cells:
-        for seed in seeds:
-            for row in read_rows(runs / f"{cell}_s{seed}"):
-                prefix = "eval/" if "eval/reward" in row else "base/" if "base/reward" in row else None
-                if prefix:
-                    out.append({"cell": cell, "seed": seed, "step": row["step"] if prefix == "eval/" else 0,
-                                **{m: row[prefix + m] for m in ("reward", "kl_to_target", "fwd_kl_to_target", "modes_covered")}})
+    for cell, seed, row in cell_rows(runs, cells, seeds):
+        prefix = "eval/" if "eval/reward" in row else "base/" if "base/reward" in row else None
+        if prefix:
+            out.append({"cell": cell, "seed": seed, "step": row["step"] if prefix == "eval/" else 0,
+                        **{m: row[prefix + m] for m in ("reward", "kl_to_target", "fwd_kl_to_target", "modes_covered")}})
     return pd.DataFrame(out).sort_values(["cell", "seed", "step"])
 
 

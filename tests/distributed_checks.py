@@ -156,7 +156,8 @@ def check_batch_advantages(dist, whole, part, rows) -> None:
 
     def gardo(rollout, r, a, processes=None):
         obj = GARDOObjective(features=FlattenFeatures(), kl_gate="uncertainty")
-        obj.processes = processes
+        if processes is not None:
+            obj.processes = processes
         return obj.prepare(rollout, r, 0, samples=rollout.leaves, reward_info={"aux": {"a": a}})
 
     one, mine = gardo(whole, rewards, aux), gardo(part, rewards[rows], aux[rows], dist)

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from tmpo.distributed import Processes, check_minibatches, eval_shards, group_shard
-from tmpo.loop import resolve_noise_seeding
 from tmpo.samplers import DynamicTreePlan, FlowSampler, IndependentPlan, sample_ode
-from tmpo.seeding import GroupGenerators, stream_seed
+from tmpo.seeding import GroupGenerators, resolve_noise_seeding, stream_seed
 
 
 # --- sharding arithmetic ------------------------------------------------------------------------

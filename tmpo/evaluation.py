@@ -89,12 +89,12 @@ class Evaluator:
                              shard=own if dist.distributed else None, batch_size=self.batch_size)
         with torch.no_grad():
             samples = policy.decode(latents)
-        rep_texts = [t for t in texts[own] for _ in range(n)]
-        rep_meta = [{**m, "group": g} for g, (_, m) in enumerate(test) if own.start <= g < own.stop for _ in range(n)]
-        if any(not isinstance(m, RewardMetric) for m in suite.metrics):  # metrics of the whole set see every sample
-            every_sample, every_latent = dist.gather_rows(samples, rows), dist.gather_rows(latents, rows)
         all_texts = [t for t in texts for _ in range(n)]
         all_meta = [{**m, "group": g} for g, (_, m) in enumerate(test) for _ in range(n)]
+        mine = slice(own.start * n, own.stop * n)  # this process's samples among all of them
+        rep_texts, rep_meta = all_texts[mine], all_meta[mine]
+        if any(not isinstance(m, RewardMetric) for m in suite.metrics):  # metrics of the whole set see every sample
+            every_sample, every_latent = dist.gather_rows(samples, rows), dist.gather_rows(latents, rows)
         out: dict[str, float] = {}
         if with_reward:
             rewards, _ = self.reward(samples, rep_texts, rep_meta)
@@ -126,4 +126,3 @@ class Evaluator:
                 raise ValueError(f"eval suite {suite.name!r} repeats metric names {sorted(clash)}")
             out.update(res)
         return out
-

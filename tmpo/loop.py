@@ -31,7 +31,7 @@ from tmpo.objectives.base import Objective
 from tmpo.policies.base import FlowPolicy
 from tmpo.prompts import PromptSource
 from tmpo.samplers.sampler import FlowSampler
-from tmpo.seeding import GroupGenerators
+from tmpo.seeding import GroupGenerators, resolve_noise_seeding, stream_seed
 from tmpo.signals import GracefulStop, Preempted
 from tmpo.update import policy_update
 
@@ -69,26 +69,6 @@ class TrainerConfig:
     # from (seed, step, the group's index in the batch), the same rollouts whatever the number of processes;
     # auto = group when several processes share the batch (tmpo.distributed), else batch
     noise_seeding: str = "auto"
-
-
-NOISE_SEEDINGS = ("auto", "batch", "group")
-
-
-def resolve_noise_seeding(value: str, world_size: int) -> str:
-    """``trainer.noise_seeding`` -> ``"batch" | "group"`` for a run of ``world_size`` processes."""
-    if value not in NOISE_SEEDINGS:
-        raise ValueError(f"trainer.noise_seeding={value!r}; valid options: {', '.join(NOISE_SEEDINGS)}")
-    if value == "batch" and world_size > 1:
-        raise ValueError(f"trainer.noise_seeding=batch draws the whole batch's noise from one stream, which {world_size} "
-                         "processes holding parts of the batch cannot share; use group (or auto)")
-    if value == "auto":
-        return "group" if world_size > 1 else "batch"
-    return value
-
-
-def _seed_for(seed: int, step: int, stream: int) -> int:
-    """Independent, reproducible seed per (run seed, step, stream): resumes replay the same noise."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
 
 
 class Trainer:
@@ -155,7 +135,7 @@ class Trainer:
     # --- one iteration -------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        rng = np.random.default_rng(_seed_for(self.cfg.seed, step, 0))
+        rng = np.random.default_rng(stream_seed(self.cfg.seed, step, 0))
         batch = self.prompts.train(self.cfg.prompts_per_step, rng)  # the global batch: the same on every process
         own = self.processes.groups(len(batch))
         batch = [batch[i] for i in own]
@@ -163,7 +143,7 @@ class Trainer:
         if self.noise_seeding == "group":
             gen = GroupGenerators(self.cfg.seed, step, 1, own)
         else:
-            gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, 1))
+            gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, step, 1))
         rollout, t_rollout, samples, rewards, reward_info = self._sample_and_score(texts, meta, step, gen)
         prepared = self.objective.prepare(rollout, rewards, step, samples=samples, reward_info=reward_info)
         t_reward = time.perf_counter()  # decode, reward and advantages (GARDO's features and aux rewards)
@@ -172,7 +152,7 @@ class Trainer:
             inner_epochs=self.cfg.inner_epochs, minibatches=self.cfg.minibatches,
             parent_chunk=self.cfg.parent_chunk, grad_clip=self.cfg.grad_clip,
             minibatch_split=self.cfg.minibatch_split,
-            generator=torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, 2)),
+            generator=torch.Generator().manual_seed(stream_seed(self.cfg.seed, step, 2)),
             processes=self.processes,
         )
         t_update = time.perf_counter()

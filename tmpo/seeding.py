@@ -14,7 +14,7 @@ def seed_everything(seed: int) -> None:
 
     Called before the model is built, so random initialisations (LoRA's ``A`` matrices, fresh heads) are
     a function of the run's seed: two runs with the same config start bit-identical. The loop itself
-    draws prompts and noise from per-(seed, step) generators (``tmpo.loop._seed_for``), not from these.
+    draws prompts and noise from per-(seed, step) generators (:func:`stream_seed`), not from these.
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -23,8 +23,24 @@ def seed_everything(seed: int) -> None:
 
 def stream_seed(*entropy: int) -> int:
     """A reproducible 63-bit seed from integers (run seed, step, stream[, group]) via ``SeedSequence``:
-    different tuples give independent streams, the same tuple the same stream on every process."""
+    different tuples give independent streams, the same tuple the same stream on every process, and a
+    resume replays the same noise."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+
+
+NOISE_SEEDINGS = ("auto", "batch", "group")  # trainer.noise_seeding (tmpo.loop.TrainerConfig)
+
+
+def resolve_noise_seeding(value: str, world_size: int) -> str:
+    """``trainer.noise_seeding`` -> ``"batch" | "group"`` for a run of ``world_size`` processes."""
+    if value not in NOISE_SEEDINGS:
+        raise ValueError(f"trainer.noise_seeding={value!r}; valid options: {', '.join(NOISE_SEEDINGS)}")
+    if value == "batch" and world_size > 1:
+        raise ValueError(f"trainer.noise_seeding=batch draws the whole batch's noise from one stream, which {world_size} "
+                         "processes holding parts of the batch cannot share; use group (or auto)")
+    if value == "auto":
+        return "group" if world_size > 1 else "batch"
+    return value
 
 
 class GroupGenerators:

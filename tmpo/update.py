@@ -31,7 +31,7 @@ MINIBATCH_SPLITS = ("groups", "leaves", "group_leaves")
 
 
 def kl_parent_weights(rollout: Rollout, mb: Minibatch, leaf_weight: Tensor | None, parent_ids: Tensor,
-                      processes: Processes | None = None) -> tuple[Tensor, Tensor]:
+                      processes: Processes | None = None, edge_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Weights of each parent's KL term so that the KL penalty is the (leaf-weighted) mean over leaves of
     the mean KL along each leaf's stored, trainable steps, and the share of the minibatch's leaves that
     carry weight.
@@ -43,6 +43,7 @@ def kl_parent_weights(rollout: Rollout, mb: Minibatch, leaf_weight: Tensor | Non
     With several ``processes`` the mean is over the global minibatch (every process's part of it): the
     weights are normalised by the global weight total and multiplied by the number of processes, which
     DDP's gradient average divides out again; they sum to ``W * (local total / global total)``.
+    ``edge_rows``: each minibatch edge's row in ``parent_ids`` (computed here when not given).
     """
     trainable = (~mb.edge_is_prior).to(mb.path.dtype)
     path = mb.path * trainable[None, :]
@@ -57,7 +58,9 @@ def kl_parent_weights(rollout: Rollout, mb: Minibatch, leaf_weight: Tensor | Non
         w = w * processes.world_size
     edge_w = (w / steps) @ path / total if total > 0 else torch.zeros(path.shape[1], dtype=path.dtype, device=dev)
     out = torch.zeros(parent_ids.numel(), dtype=path.dtype, device=dev)
-    out.index_add_(0, _local_index(rollout, parent_ids)[rollout.edge_parent[mb.edge_ids]], edge_w)
+    if edge_rows is None:
+        edge_rows = _local_index(rollout, parent_ids)[rollout.edge_parent[mb.edge_ids]]
+    out.index_add_(0, edge_rows, edge_w)
     return out, total / max(n_leaves, 1)
 
 
@@ -156,7 +159,8 @@ def minibatch_gradient(
     use_kl = objective.kl_coef > 0
     if use_kl and ref_means is None:
         raise ValueError("objective.kl_coef > 0 needs the reference means (update.reference_means)")
-    kl_w, weighted_share = kl_parent_weights(rollout, mb, prepared.kl_leaf_weight, parent_ids, processes) if use_kl else (None, 0.0)
+    kl_w, weighted_share = (kl_parent_weights(rollout, mb, prepared.kl_leaf_weight, parent_ids, processes, edge_rows)
+                            if use_kl else (None, 0.0))
     kl_total = torch.zeros((), device=lp.device)
     model_rows = torch.nonzero(~rollout.parent_is_prior[parent_ids]).squeeze(1)
     chunks = _chunks(model_rows, parent_chunk)

@@ -18,6 +18,9 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tmpo.config import ConfigError
+from tmpo.objectives.softmax_tb import MARGINAL_REDUCTIONS, POLICY_TERMS
+from tmpo.seeding import NOISE_SEEDINGS
+from tmpo.update import MINIBATCH_SPLITS
 
 _PLAN_CHECK_STEPS = 64  # iterations at which the rollout plan is dry-run (evenly spaced over the run)
 
@@ -89,9 +92,9 @@ def check_trainer(t: DictConfig) -> None:
     if "lr_schedule" in t:
         one_of("trainer.lr_schedule", t.lr_schedule, ("cosine", "constant"))
     if "minibatch_split" in t:
-        one_of("trainer.minibatch_split", t.minibatch_split, ("groups", "leaves", "group_leaves"))
+        one_of("trainer.minibatch_split", t.minibatch_split, MINIBATCH_SPLITS)
     if "noise_seeding" in t:
-        one_of("trainer.noise_seeding", t.noise_seeding, ("auto", "batch", "group"))
+        one_of("trainer.noise_seeding", t.noise_seeding, NOISE_SEEDINGS)
 
 
 def check_eval(e: DictConfig) -> None:
@@ -124,9 +127,9 @@ def check_objective(o: DictConfig) -> None:
     if "log_prob_reduction" in o:
         one_of("objective.log_prob_reduction", o.log_prob_reduction, ("mean", "sum"))
     if "policy_term" in o:
-        one_of("objective.policy_term", o.policy_term, ("trajectory", "uniform", "marginal"))
+        one_of("objective.policy_term", o.policy_term, POLICY_TERMS)
     if "marginal_reduction" in o:
-        one_of("objective.marginal_reduction", o.marginal_reduction, ("sum", "mean"))
+        one_of("objective.marginal_reduction", o.marginal_reduction, MARGINAL_REDUCTIONS)
 
 
 def check_leaf_likelihood(cfg: DictConfig) -> None:

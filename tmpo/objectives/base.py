@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tmpo.distributed import Processes
 from tmpo.samplers.rollout import Rollout
 from tmpo.sde import KL_FORMS
 
@@ -72,10 +73,10 @@ class Objective:
     kl_coef: float = 0.0
     kl_form: str = "exact"  # units of the KL penalty: "exact" Gaussian KL or "flow_grpo" (tmpo.sde.reference_kl)
     log_prob_reduction: str = "mean"  # "mean" (paper eq. 49) or "sum" over latent dims
-    # Set by the loop when several processes share the batch (tmpo.distributed.Processes): an objective whose
-    # advantages use statistics over the whole batch (not per group) gathers its inputs with
-    # processes.gather and keeps its own rows with processes.local. None: this process holds the whole batch.
-    processes = None
+    # The processes sharing the batch (set by the loop; alone, every collective is the identity): an objective
+    # whose advantages use statistics over the whole batch (not per group) gathers its inputs with
+    # processes.gather and keeps its own rows with processes.local.
+    processes: Processes = Processes()
 
     def prepare(
         self, rollout: Rollout, rewards: Tensor, step: int, samples: Tensor | None = None, reward_info: dict | None = None

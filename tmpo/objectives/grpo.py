@@ -57,11 +57,11 @@ class GRPOObjective(Objective):
     def leaf_advantages(self, rewards: Tensor) -> Tensor:
         """``[G, K]`` rewards to clamped z-scored advantages (``global_std``: the std of the whole batch,
         gathered over processes when several share it)."""
-        if self.global_std and self.processes is not None and self.processes.distributed:
+        if self.global_std:
             every = self.processes.gather(rewards)
-            adv = group_zscore(every, eps=self.std_eps, global_std=True, unbiased=self.unbiased_std)
-            return self.processes.local(adv).clamp(-self.adv_clip, self.adv_clip)
-        adv = group_zscore(rewards, eps=self.std_eps, global_std=self.global_std, unbiased=self.unbiased_std)
+            adv = self.processes.local(group_zscore(every, eps=self.std_eps, global_std=True, unbiased=self.unbiased_std))
+        else:
+            adv = group_zscore(rewards, eps=self.std_eps, global_std=False, unbiased=self.unbiased_std)
         return adv.clamp(-self.adv_clip, self.adv_clip)
 
     def prepare(

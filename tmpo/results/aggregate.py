@@ -8,15 +8,17 @@ runs, or the runs come from different git commits; the last three can be allowed
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from tmpo.config import EvalConfig, TrainerConfig
 from tmpo.results.layout import TABLES, TIME, Row, TableSpec, read_paper_numbers
 from tmpo.resume import flatten
 from tmpo.results.runs import RunRecord
@@ -26,9 +28,6 @@ from tmpo.results.runs import RunRecord
 SEED_FREE = ("run_dir", "resume", "tags", "logger", "trainer.seed", "trainer.eval_base", "trainer.progress",
              "trainer.checkpoint_every", "trainer.eval_every", "trainer.parent_chunk")
 # Config keys every row of a block must share: one protocol, one model, one budget, one evaluation.
-# Config keys added after some runs were recorded, each with the value that does what those runs did: a
-# record without the key compares equal to one with that value (one process: noise_seeding auto = batch).
-ADDED_KEYS = {"trainer.noise_seeding": "auto", "eval.batch_size": None}
 BLOCK_SHARED = ("model", "reward", "eval", "trainer.total_steps", "trainer.prompts_per_step", "trainer.threads")
 
 
@@ -106,9 +105,17 @@ def select_runs(records: Iterable[RunRecord], opts: Options) -> tuple[list[RunRe
     return keep, problems
 
 
+@functools.cache
+def _schema_defaults() -> dict[str, Any]:
+    """The trainer and eval schemas' defaults, flattened (``trainer.noise_seeding`` -> ``"auto"``, ...)."""
+    return flatten({"trainer": asdict(TrainerConfig()), "eval": asdict(EvalConfig())})
+
+
 def _full_config(run: RunRecord) -> dict[str, Any]:
-    """The run's flattened config, with :data:`ADDED_KEYS` filled in where it predates them."""
-    return {**ADDED_KEYS, **flatten(run.config)}
+    """The run's flattened config, with the schema's default for every trainer/eval key it predates: a key
+    is added with the default that does what the code did before it (e.g. ``trainer.noise_seeding=auto``
+    is one process's batch seeding), so a record without it ran that default."""
+    return {**_schema_defaults(), **flatten(run.config)}
 
 
 def _check_block(spec: TableSpec, protocol: str, rows: dict[Row, list[RunRecord]], opts: Options) -> list[str]:

@@ -85,7 +85,8 @@ def check_finished(config: Mapping[str, Any], summary: Mapping[str, Any] | None,
     return ""
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` (blank lines skipped); a line that is not JSON is an error naming it."""
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -119,7 +120,7 @@ class LocalRuns:
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.jsonl"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-        rows = _read_jsonl(metrics_path) if metrics_path.exists() else []
+        rows = read_jsonl(metrics_path) if metrics_path.exists() else []
         history = history_frame(rows, str(metrics_path))
         labels = run_labels(config, git=_UNKNOWN_GIT)
         if summary is not None:  # train() merged the labels (with the git state) into the summary
