@@ -33,7 +33,7 @@ def bench_method(method: str, size: str, device: str, iters: int, warmup: int, p
             f"run_dir={d}", "logger=none", "trainer.progress=false", f"model={'flux_dev' if full else 'flux_tiny'}",
             f"method={method}", "reward=pickscore", "reward.suites={}", f"trainer.prompts_per_step={prompts}",
             f"model.device={device}", "model.pretrained=null", f"model.dtype={'bf16' if full else 'fp32'}",
-            *([f"+objective.features.tiny={{}}"] if method == "gardo" else []),
+            *(["+objective.features.tiny={}"] if method == "gardo" else []),
         ])
         with open_dict(cfg):
             cfg.model.tiny = OmegaConf.create(FLUX_FULL if full else {})

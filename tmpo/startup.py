@@ -10,7 +10,6 @@ start-up check of :func:`tmpo.run.prepare_run`'s kind -- so a bad command stops 
 from __future__ import annotations
 
 import difflib
-import itertools
 import re
 from collections.abc import Sequence
 from pathlib import Path

@@ -17,7 +17,7 @@ noise; the network predicts the velocity ``x1 - x0``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 

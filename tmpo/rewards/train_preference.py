@@ -467,7 +467,7 @@ def bias_slopes(model: MiniCLIP, tokenizer: CaptionTokenizer, rng: np.random.Gen
     """Least-squares slope of ``s_A - s_B`` on ``a_A - a_B`` over ``n`` fresh pairs of random captions, per attribute."""
     out = {}
     for attribute in ("size", "saturation", "centred"):
-        a, b, da, ds = [], [], [], []
+        a, b, da = [], [], []
         caps = []
         for _ in range(n):
             ia, ib, xa, xb, cap = bias_pair(attribute, rng, set())
