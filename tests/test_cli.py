@@ -51,6 +51,13 @@ def test_a_bad_key_or_value_stops_with_one_message_and_creates_nothing(tmp_path,
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
 
+def test_a_method_missing_from_the_scales_lr_factors_is_named_with_the_fix(tmp_path):
+    out = tmpo_run(["method=mixgrpo", "~lr_scales.mixgrpo", f"hydra.run.dir={tmp_path / 'run'}", "logger=none"], tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "no entry for method=mixgrpo" in out.stderr and "set trainer.lr_scale=<factor>" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_refusing_constructor_leaves_no_empty_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     out = tmpo_run(["model=mini", "model.arch=transformer", f"hydra.run.dir={run_dir}", "logger=none"], tmp_path)

@@ -105,7 +105,8 @@ def test_mini_blocks_scale_iterations_and_warm_up_and_checkpoint_every_iteration
         assert cfg["trainer"]["threads"] == 1 and cfg["trainer"]["checkpoint_every"] == 1
         assert cfg["trainer"]["prompts_per_step"] == 4 and cfg["eval"]["samples_per_prompt"] == 10
         flow = compose(block, "no_tree" if "table2" in block else "flow_grpo")
-        assert flow["trainer"]["lr_scale"] == cfg["trainer"]["lr_scale"] == 10.0  # the paper's lrs x 10
+        for c in (cfg, flow):  # the paper's lr x the method's mini factor
+            assert c["trainer"]["lr_scale"] == c["lr_scales"][c["method"]]
         if any(b in block for b in ("geneval", "ocr", "joint")):  # D.4/D.5: TMPO 3e-5, baselines 5e-5
             assert (cfg["trainer"]["lr"], flow["trainer"]["lr"]) == (3e-5, 5e-5)
         else:  # PickScore blocks: 5e-5 for every row
@@ -136,3 +137,25 @@ def test_every_row_config_is_used_and_every_block_is_known():
     assert rows == set(ROW_SPECS)
     blocks = {str(p.relative_to(CONF).with_suffix("")) for p in CONF.rglob("table*.yaml")}
     assert blocks == set(ALL_BLOCKS)
+
+
+def test_mini_lr_factor_per_method_follows_its_committed_pilot(compose):
+    from experiments.mini_lr_pilot import FACTORS, METHODS, chosen_factor, configured_factors, pilot_points
+
+    methods = {p.stem for p in (CONF.parent / "method").glob("*.yaml")}
+    configured = configured_factors()
+    assert set(configured) == methods  # a new method needs its factor (start-up says so otherwise)
+    assert set(configured.values()) <= set(FACTORS)
+    for method in METHODS:
+        cfg = compose("mini/table1_geneval", method)
+        assert cfg["trainer"]["lr_scale"] == configured[method]
+        assert cfg["trainer"]["lr"] == (3e-5 if method == "tmpo" else 5e-5)  # D.4/D.5, unscaled
+    points = pilot_points()
+    assert points["mixgrpo"][10.0]["geneval"] < points["mixgrpo"][1.0]["geneval"]  # the collapse that split the factor
+    for method, p in points.items():
+        pick = chosen_factor(p)
+        if pick is not None:
+            assert configured[method] == pick, method
+    # variants follow their method: the Table 2 rows are TMPO, gardo_code is GARDO
+    assert configured["tmpo_marginal"] == configured["grpo"] == configured["tmpo"]
+    assert configured["gardo_code"] == configured["gardo"]

@@ -68,6 +68,7 @@ class RunConfig:
     method: str = MISSING  # name of the method (for tables); set by the method config
     ablation: str = "full"
     tags: dict[str, Any] = field(default_factory=dict)  # free-form labels copied to summary.json
+    lr_scales: dict[str, float] = field(default_factory=dict)  # a scale's per-method trainer.lr_scale (conf/scale/mini.yaml)
     run_dir: str = "."
     resume: str | None = None  # null (fresh) | auto (this run dir's own checkpoint) | <run dir> (tmpo/resume.py)
 

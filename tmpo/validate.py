@@ -263,8 +263,20 @@ def check_run_dir(run_dir: str | os.PathLike, key: str = "run_dir") -> None:
                           "choose a writable directory (hydra.run.dir=... or run_dir=...)") from e
 
 
+def check_lr_scales(cfg: DictConfig) -> None:
+    """A scale that sets ``trainer.lr_scale`` per method (``${lr_scales.${method}}``) must list this method."""
+    if not OmegaConf.is_interpolation(cfg.trainer, "lr_scale") or "lr_scales" not in cfg:
+        return
+    if cfg.method not in cfg.lr_scales:
+        listed = ", ".join(f"{k}={v:g}" for k, v in cfg.lr_scales.items()) or "none"
+        raise ConfigError(f"trainer.lr_scale is invalid: this scale takes it from lr_scales.<method>, which has no entry "
+                          f"for method={cfg.method} (listed: {listed}); add lr_scales.{cfg.method}=<factor> to the scale's "
+                          "config (conf/scale/) or set trainer.lr_scale=<factor>")
+
+
 def validate_run_config(cfg: DictConfig) -> None:
     """Every start-up check on a composed run config (raises :class:`ConfigError`; writes nothing)."""
+    check_lr_scales(cfg)
     check_trainer(cfg.trainer)
     check_eval(cfg.eval)
     check_objective(cfg.objective)
