@@ -189,6 +189,26 @@ def test_a_key_added_later_matches_older_records_only_at_the_value_they_ran(tmp_
         build_tables(LocalRuns(tmp_path).records(), MINI)
 
 
+def test_a_runs_lr_factor_is_compared_not_the_scales_lookup_table(tmp_path):
+    """Records made before conf/scale/mini.yaml's lr_scales have no such key; a newer seed that has the table
+    joins the row when its trainer.lr_scale is the same, and is refused when it trained at another factor."""
+    write_block(tmp_path, "table5", "joint", seeds=(0, 1))
+    for seed in (0, 1):
+        older = tmp_path / "table5_joint" / "tmpo" / f"seed{seed}" / "config.yaml"
+        config = yaml.safe_load(older.read_text())
+        config["trainer"]["lr_scale"] = 10.0
+        older.write_text(yaml.safe_dump(config))
+    newer = write_run(tmp_path, table="table5", protocol="joint", row="tmpo", seed=2, method="tmpo")
+    config = yaml.safe_load((newer / "config.yaml").read_text())
+    config["lr_scales"], config["trainer"]["lr_scale"] = {"tmpo": 10.0, "mixgrpo": 1.0}, 10.0
+    (newer / "config.yaml").write_text(yaml.safe_dump(config))
+    build_tables(LocalRuns(tmp_path).records(), MINI)  # accepted
+    config["trainer"]["lr_scale"] = 3.0
+    (newer / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ResultsError, match=r"its seeds ran different settings: trainer.lr_scale: 10.0"):
+        build_tables(LocalRuns(tmp_path).records(), MINI)
+
+
 def test_rows_of_a_block_with_different_budgets_are_refused(tmp_path):
     write_block(tmp_path, "table5", "joint", skip=("gardo",))
     for seed in (0, 1, 2):

@@ -24,8 +24,9 @@ from tmpo.resume import flatten
 from tmpo.results.runs import RunRecord
 
 # Config keys that may differ between the seeds of one row: bookkeeping, not what a run computes.
-# (run_suite evaluates the untouched model on the first seed only, so trainer.eval_base differs.)
-SEED_FREE = ("run_dir", "resume", "tags", "logger", "trainer.seed", "trainer.eval_base", "trainer.progress",
+# (run_suite evaluates the untouched model on the first seed only, so trainer.eval_base differs; lr_scales is
+# a scale's lookup table, added after the first records: the factor a run used is trainer.lr_scale, compared.)
+SEED_FREE = ("run_dir", "resume", "tags", "logger", "lr_scales", "trainer.seed", "trainer.eval_base", "trainer.progress",
              "trainer.checkpoint_every", "trainer.eval_every", "trainer.parent_chunk")
 # Config keys every row of a block must share: one protocol, one model, one budget, one evaluation.
 BLOCK_SHARED = ("model", "reward", "eval", "trainer.total_steps", "trainer.prompts_per_step", "trainer.threads")
