@@ -58,6 +58,22 @@ def test_a_method_missing_from_the_scales_lr_factors_is_named_with_the_fix(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["eval.samples_per_prompt=1"], "eval.samples_per_prompt=1"),
+    (["reward.suites.drawbench.samples_per_prompt=1"], "reward.suites.drawbench.samples_per_prompt=1"),
+])
+def test_diversity_with_one_image_per_prompt_is_refused_at_start_up(overrides, key):
+    """LGMD / Cos. Div. pair a prompt's images; with one there is no pair (the evaluation used to fail
+    only after training). A suite's own count overrides eval's, so it alone decides."""
+    from tmpo.config import ConfigError
+    from tmpo.run import compose_config
+    from tmpo.validate import validate_run_config
+
+    with pytest.raises(ConfigError, match=rf"^{key} is invalid: reward.suites.drawbench has a diversity metric"):
+        validate_run_config(compose_config(["run_dir=.", *overrides]))
+    validate_run_config(compose_config(["run_dir=.", *overrides, "reward.suites.drawbench.samples_per_prompt=2"]))
+
+
 def test_a_refusing_constructor_leaves_no_empty_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     out = tmpo_run(["model=mini", "model.arch=transformer", f"hydra.run.dir={run_dir}", "logger=none"], tmp_path)

@@ -105,6 +105,22 @@ def check_eval(e: DictConfig) -> None:
     int_at_least("eval.seed", e.seed, 0)
 
 
+DIVERSITY_METRIC = "tmpo.metrics.task.PerPromptDiversity"
+
+
+def check_diversity_samples(cfg: DictConfig) -> None:
+    """A diversity metric (LGMD, Cos. Div.) compares a prompt's images pairwise: it needs >= 2 per prompt."""
+    sets = [("reward.metrics", cfg.reward.get("metrics") or [], None)]
+    sets += [(f"reward.suites.{name}", s.get("metrics") or [], s.get("samples_per_prompt"))
+             for name, s in (cfg.reward.get("suites") or {}).items()]
+    for where, metrics, own in sets:
+        if not any(m.get("_target_") == DIVERSITY_METRIC for m in metrics):
+            continue
+        key, n = (f"{where}.samples_per_prompt", own) if own is not None else ("eval.samples_per_prompt", cfg.eval.samples_per_prompt)
+        require(key, n, _is_int(n) and n >= 2, f"{where} has a diversity metric (LGMD/Cos. Div.), which compares "
+                "a prompt's images in pairs: at least 2 per prompt (the paper: 10)")
+
+
 def check_objective(o: DictConfig) -> None:
     """Numeric ranges shared by the objectives (only the keys the chosen objective has)."""
     ranges = {
@@ -279,6 +295,7 @@ def validate_run_config(cfg: DictConfig) -> None:
     check_lr_scales(cfg)
     check_trainer(cfg.trainer)
     check_eval(cfg.eval)
+    check_diversity_samples(cfg)
     check_objective(cfg.objective)
     check_sampler(cfg)
     check_leaf_likelihood(cfg)
