@@ -111,7 +111,7 @@ def test_every_combination_of_a_sweep_is_checked(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("method=tmpoo", "method=tmpoo is invalid: there is no conf/method/tmpoo.yaml. Did you mean 'tmpo'? Valid options: "),
     ("trainer.lrr=1", "unknown key trainer.lrr=1. Did you mean 'lr'? Valid keys: adam_beta1"),
-    ("bogus=1", "unknown key bogus=1. Valid keys: ablation, eval, logger, method, model"),
+    ("bogus=1", "unknown key bogus=1. Valid keys: ablation, eval, logger, lr_scales, method, model"),
     ("+trainer.lr=1", "trainer.lr already exists: set it without the '+' (trainer.lr=...)"),
     ("eval.grid_samples=-1", "eval.grid_samples=-1 is invalid: must be an integer >= 0"),
 ])
