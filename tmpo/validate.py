@@ -281,9 +281,7 @@ def check_run_dir(run_dir: str | os.PathLike, key: str = "run_dir") -> None:
 
 def check_lr_scales(cfg: DictConfig) -> None:
     """A scale that sets ``trainer.lr_scale`` per method (``${lr_scales.${method}}``) must list this method."""
-    if not OmegaConf.is_interpolation(cfg.trainer, "lr_scale") or "lr_scales" not in cfg:
-        return
-    if cfg.method not in cfg.lr_scales:
+    if OmegaConf.is_interpolation(cfg.trainer, "lr_scale") and cfg.method not in cfg.lr_scales:
         listed = ", ".join(f"{k}={v:g}" for k, v in cfg.lr_scales.items()) or "none"
         raise ConfigError(f"trainer.lr_scale is invalid: this scale takes it from lr_scales.<method>, which has no entry "
                           f"for method={cfg.method} (listed: {listed}); add lr_scales.{cfg.method}=<factor> to the scale's "
