@@ -84,7 +84,7 @@ def test_cli_writes_every_table_and_figure_and_regenerates_byte_identically(suit
     assert main(["--scale", "mini", "--runs", str(suite), "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([f"table{i}.{e}" for i in (1, 2, 5, 6) for e in ("md", "csv", "tex")]
-                           + ["runs.csv", "fig4.png", "fig6.png"])
+                           + ["runs.csv", "claims.md", "fig4.png", "fig6.png"])
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["--scale", "mini", "--runs", str(suite), "--out", str(out)]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first

@@ -5,7 +5,7 @@
     python -m tmpo.results --scale paper --source wandb --wandb <entity>/<project>      # a wandb project
 
 Writes ``<out>/table{1,2,5,6}.{md,csv,tex}`` (each table that has runs), ``runs.csv`` (one line per
-run), ``fig4.png`` and ``fig6.png``; ``<out>`` defaults to ``results/<scale>``.
+run), ``claims.md`` (the paper's claims checked on these tables), ``fig4.png`` and ``fig6.png``; ``<out>`` defaults to ``results/<scale>``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from tmpo.checkpoint import write_text_atomic
+from tmpo.results import claims
 from tmpo.results.aggregate import Options, ResultsError, build_tables, per_run_frame
 from tmpo.results.figures import fig4, fig6
 from tmpo.results.layout import TABLES
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None, wandb_api=None) -> int:
         written += write_table(df, TABLES[name], args.scale, out, where)
     written.append(write_text_atomic(per_run_frame(records, opts).to_csv(index=False, float_format="%.6g",
                                                                          lineterminator="\n"), out / "runs.csv"))
+    written.append(write_text_atomic(claims.to_markdown(claims.check_claims(tables), args.scale, where),
+                                      out / "claims.md"))
     written += [p for p in (fig4(records, args.scale, out / "fig4.png"), fig6(tables, args.scale, out / "fig6.png")) if p]
     skipped = [t for t in TABLES if t not in tables]
     print(f"{len(records)} runs read from {where}; wrote {len(written)} files to {out}: "
