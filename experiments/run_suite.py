@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--until", help="HH:MM (local time, today or tomorrow): start only jobs estimated to end by then")
     ap.add_argument("--wall-factor", type=float, default=1.6,
                     help="wall seconds per bench CPU second on two lanes (measured 1.24-1.54 beside other work, "
-                         "0.63-0.93 with the lanes alone; results/mini/README.md)")
+                         "0.63-1.26 with the lanes nearly alone; results/mini/README.md)")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every job (e.g. for a smoke test)")
     args = ap.parse_args(argv)
     jobs = [j for b in expand(args.blocks) for j in block_jobs(b, args.runs_root, args.records_root, args.extra)
